@@ -1,0 +1,148 @@
+"""What the model's forward takes: a padded batch plus the index that packs it into the compact layout.
+
+Per sample the encoder sees ``[CLS] w1 .. wn [SEP] r1 .. rk`` with padding only at the end
+(the layout of the reference implementation). Text and regions are padded separately
+(``input_ids`` [B, Lt], ``img_feat`` [B, Ni, D]); the model embeds both, concatenates them to
+[B, Lt + Ni, H] and gathers with ``gather_index`` [B, L] into the compact order, L = max(tl + nr).
+
+Everything that needs a host-side length (L, the masked positions) is computed here, on the CPU,
+by :func:`build_batch`, so the forward pass itself never synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class UniterBatch:
+    input_ids: Tensor  # [B, Lt] long, padded with 0
+    txt_lens: Tensor  # [B] long, including [CLS] and [SEP]
+    img_feat: Tensor  # [B, Ni, img_dim], padded with 0
+    img_pos: Tensor  # [B, Ni, img_pos_dim]
+    img_lens: Tensor  # [B] long
+    gather_index: Tensor  # [B, L] long: compact position -> index into cat(text, regions)
+    attn_mask: Tensor  # [B, L] bool: True on real positions
+    img_masks: Tensor | None = None  # [B, Ni] bool: regions masked for MRM (feature zeroed in the model)
+    # Targets, present for the tasks that use them.
+    mlm_positions: Tensor | None = None  # [M] long: flat index into [B * L] of masked text tokens
+    mlm_labels: Tensor | None = None  # [M] long: original token ids there
+    mrm_positions: Tensor | None = None  # [R] long: flat index into [B * L] of masked regions
+    mrm_img_index: Tensor | None = None  # [R] long: flat index into [B * Ni] of the same regions
+    img_soft_labels: Tensor | None = None  # [B, Ni, img_label_dim]: detector class distributions
+    itm_targets: Tensor | None = None  # [B] long: 1 = matched pair, 0 = swapped image
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.size(0)
+
+    @property
+    def seq_len(self) -> int:
+        return self.gather_index.size(1)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> UniterBatch:
+        moved = {
+            f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return UniterBatch(**moved)
+
+    def pin_memory(self) -> UniterBatch:
+        pinned = {
+            f.name: (v.pin_memory() if isinstance(v, Tensor) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return UniterBatch(**pinned)
+
+    def real_tokens(self) -> int:
+        return int(self.attn_mask.sum())
+
+    def padded_tokens(self) -> int:
+        return self.attn_mask.numel()
+
+
+def _pad_stack(tensors: Sequence[Tensor], length: int, fill: float = 0) -> Tensor:
+    first = tensors[0]
+    out = first.new_full((len(tensors), length, *first.shape[1:]), fill)
+    for i, t in enumerate(tensors):
+        out[i, : t.size(0)] = t
+    return out
+
+
+def build_batch(
+    input_ids: Sequence[Tensor],
+    img_feat: Sequence[Tensor],
+    img_pos: Sequence[Tensor],
+    *,
+    img_masks: Sequence[Tensor] | None = None,
+    txt_labels: Sequence[Tensor] | None = None,
+    img_soft_labels: Sequence[Tensor] | None = None,
+    itm_targets: Sequence[int] | Tensor | None = None,
+    pad_to_multiple_of: int = 1,
+) -> UniterBatch:
+    """Collate per-sample tensors into a :class:`UniterBatch`.
+
+    input_ids[i]: [tl] token ids including [CLS]/[SEP]; img_feat[i]: [n, D] (n may be 0);
+    img_pos[i]: [n, 7]; img_masks[i]: [n] bool; txt_labels[i]: [tl] with IGNORE_INDEX where a
+    token is not an MLM target; img_soft_labels[i]: [n, C].
+    """
+    batch = len(input_ids)
+    if not (len(img_feat) == len(img_pos) == batch):
+        raise ValueError(
+            f"build_batch: got {batch} texts, {len(img_feat)} feature sets and {len(img_pos)} position sets"
+        )
+    for i in range(batch):
+        if input_ids[i].dim() != 1 or input_ids[i].numel() < 1:
+            raise ValueError(f"build_batch: sample {i}: input_ids must be a non-empty 1-D tensor, "
+                             f"got shape {tuple(input_ids[i].shape)}")
+        if img_feat[i].dim() != 2 or img_pos[i].dim() != 2 or img_feat[i].size(0) != img_pos[i].size(0):
+            raise ValueError(f"build_batch: sample {i}: img_feat {tuple(img_feat[i].shape)} and img_pos "
+                             f"{tuple(img_pos[i].shape)} must be [n, D] and [n, P] with the same n")
+    txt_lens = torch.tensor([t.size(0) for t in input_ids], dtype=torch.long)
+    img_lens = torch.tensor([f.size(0) for f in img_feat], dtype=torch.long)
+    max_txt, max_img = int(txt_lens.max()), int(img_lens.max())
+    seq_len = int((txt_lens + img_lens).max())
+    seq_len = -(-seq_len // pad_to_multiple_of) * pad_to_multiple_of
+
+    # Compact order: position p of sample b reads text slot p (p < tl), then region slot
+    # max_txt + (p - tl) (p < tl + nr); padding reads slot 0 and is masked out.
+    pos = torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
+    tl, total = txt_lens.unsqueeze(1), (txt_lens + img_lens).unsqueeze(1)
+    gather_index = torch.where(pos < tl, pos, max_txt + pos - tl)
+    attn_mask = pos < total
+    gather_index = torch.where(attn_mask, gather_index, torch.zeros_like(gather_index))
+
+    out = UniterBatch(
+        input_ids=_pad_stack(input_ids, max_txt),
+        txt_lens=txt_lens,
+        img_feat=_pad_stack(img_feat, max_img),
+        img_pos=_pad_stack(img_pos, max_img),
+        img_lens=img_lens,
+        gather_index=gather_index,
+        attn_mask=attn_mask,
+    )
+    if txt_labels is not None:
+        labels = _pad_stack(txt_labels, max_txt, fill=IGNORE_INDEX)
+        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+        out.mlm_positions = rows * seq_len + cols  # text slot t sits at compact position t
+        out.mlm_labels = labels[rows, cols]
+    if img_masks is not None:
+        masks = _pad_stack([m.bool() for m in img_masks], max_img, fill=False)
+        out.img_masks = masks
+        rows, cols = masks.nonzero(as_tuple=True)
+        out.mrm_positions = rows * seq_len + txt_lens[rows] + cols
+        out.mrm_img_index = rows * max_img + cols
+    if img_soft_labels is not None:
+        out.img_soft_labels = _pad_stack(img_soft_labels, max_img)
+    if itm_targets is not None:
+        out.itm_targets = torch.as_tensor(itm_targets, dtype=torch.long)
+    return out

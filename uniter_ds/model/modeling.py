@@ -1,0 +1,397 @@
+"""UNITER: a single-stream transformer over word tokens and image regions (arXiv 1909.11740).
+
+Read top to bottom: embeddings for each modality, a BERT (post-LN) encoder over the compact
+sequence ``[CLS] words [SEP] regions <pad>``, the pooler, then the pretraining heads and losses.
+Batches come from :func:`uniter_ds.model.inputs.build_batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import UniterConfig
+from .inputs import UniterBatch, build_batch
+from .kernels import layer_norm
+from .ot import wra_distance
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+class TextEmbeddings(nn.Module):
+    """word + position + token type 0, LayerNorm, dropout (BERT's embeddings)."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings.weight[0]
+        )
+        return self.dropout(self.LayerNorm(x))
+
+
+class ImageEmbeddings(nn.Module):
+    """LN(W_f feat) + LN(W_p pos) + token type 1, LayerNorm, dropout.
+
+    Masked regions (MRM tasks) have their feature zeroed and the learned mask embedding added
+    before the projection; row 0 of ``mask_embedding`` is the "not masked" row and stays zero.
+    """
+
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.img_linear = nn.Linear(config.img_dim, config.hidden_size)
+        self.img_layer_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
+        self.pos_linear = nn.Linear(config.img_pos_dim, config.hidden_size)
+        self.pos_layer_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
+        self.mask_embedding = nn.Embedding(2, config.img_dim)
+        self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, img_feat: Tensor, img_pos: Tensor, type_embedding: Tensor,
+                img_masks: Tensor | None = None) -> Tensor:
+        if img_masks is not None:
+            masked = img_masks.unsqueeze(-1)
+            img_feat = img_feat.masked_fill(masked, 0.0) + masked.to(img_feat.dtype) * self.mask_embedding.weight[1]
+        x = (
+            self.img_layer_norm(self.img_linear(img_feat))
+            + self.pos_layer_norm(self.pos_linear(img_pos))
+            + type_embedding
+        )
+        return self.dropout(self.LayerNorm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder
+# ---------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # fused query, key, value
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = config.attention_probs_dropout_prob
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        return self.out(context.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.attn = SelfAttention(config)
+        self.attn_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
+        self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.ffn_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, key_mask)))
+        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.activation_checkpointing = False
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        key_mask = attn_mask[:, None, None, :]  # [B, 1, 1, L]: every query sees the real keys
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, key_mask)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UniterOutput:
+    sequence_output: Tensor  # [B, L, H] compact layout
+    pooled_output: Tensor  # [B, H]
+    attn_mask: Tensor  # [B, L] bool
+    text_states: Tensor  # [B, Lt, H], zero on padding
+    text_mask: Tensor  # [B, Lt] bool
+    region_states: Tensor  # [B, Ni, H], zero on padding
+    region_mask: Tensor  # [B, Ni] bool
+
+    def per_sample(self) -> list[dict[str, Tensor]]:
+        """One dict per sample: ``text`` [tl, H], ``regions`` [nr, H], ``pooled`` [H]; no padding."""
+        txt_lens, img_lens = self.text_mask.sum(1).tolist(), self.region_mask.sum(1).tolist()
+        return [
+            {"text": self.text_states[i, :tl], "regions": self.region_states[i, :nr],
+             "pooled": self.pooled_output[i]}
+            for i, (tl, nr) in enumerate(zip(txt_lens, img_lens))
+        ]
+
+
+class UniterPreTrainedModel(nn.Module):
+    config: UniterConfig
+
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif type(module).__name__ in ("LayerNorm", "FusedLayerNorm"):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, ImageEmbeddings):
+                with torch.no_grad():
+                    module.mask_embedding.weight[0].zero_()
+
+
+class UniterModel(UniterPreTrainedModel):
+    """The UNITER encoder: embeddings, transformer, pooler. Input: a :class:`UniterBatch`."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        self.img_embeddings = ImageEmbeddings(config)
+        self.encoder = Encoder(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.init_weights()
+
+    def forward(self, batch: UniterBatch) -> UniterOutput:
+        text = self.embeddings(batch.input_ids)
+        regions = self.img_embeddings(
+            batch.img_feat.to(text.dtype), batch.img_pos.to(text.dtype),
+            self.embeddings.token_type_embeddings.weight[1], batch.img_masks,
+        )
+        both = torch.cat([text, regions], dim=1)
+        index = batch.gather_index.unsqueeze(-1).expand(-1, -1, both.size(-1))
+        x = self.encoder(torch.gather(both, 1, index), batch.attn_mask)
+        pooled = torch.tanh(self.pooler(x[:, 0]))
+
+        max_txt, max_img = batch.input_ids.size(1), batch.img_feat.size(1)
+        text_mask = torch.arange(max_txt, device=x.device) < batch.txt_lens.unsqueeze(1)
+        region_mask = torch.arange(max_img, device=x.device) < batch.img_lens.unsqueeze(1)
+        # Text occupies compact positions [0, tl); the regions follow at [tl, tl + nr).
+        text_states = x[:, :max_txt] * text_mask.unsqueeze(-1)
+        region_index = (batch.txt_lens.unsqueeze(1) + torch.arange(max_img, device=x.device))
+        region_index = region_index.clamp(max=x.size(1) - 1)
+        region_states = torch.gather(x, 1, region_index.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+        region_states = region_states * region_mask.unsqueeze(-1)
+        return UniterOutput(x, pooled, batch.attn_mask, text_states, text_mask, region_states, region_mask)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        input_ids: Sequence[Tensor],
+        img_feat: Sequence[Tensor],
+        img_pos: Sequence[Tensor],
+    ) -> list[dict[str, Tensor]]:
+        """Inference entry for fine-tuning code.
+
+        input_ids[i]: [tl] token ids with [CLS]/[SEP]; img_feat[i]: [n, img_dim]; img_pos[i]: [n, 7].
+        Returns per sample ``{"text": [tl, H], "regions": [n, H], "pooled": [H]}`` with no padding.
+        Use ``forward(build_batch(...))`` instead to keep gradients for fine-tuning.
+        """
+        device = next(self.parameters()).device
+        return self(build_batch(input_ids, img_feat, img_pos).to(device)).per_sample()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining heads and losses
+# ---------------------------------------------------------------------------------------------
+
+
+class HeadTransform(nn.Sequential):
+    """dense -> GELU -> LayerNorm, the shared shape of the MLM and MRM heads."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__(
+            nn.Linear(config.hidden_size, config.hidden_size),
+            nn.GELU(),
+            layer_norm(config.hidden_size, config.layer_norm_eps),
+        )
+
+
+class MlmHead(nn.Module):
+    """BERT LM head; the decoder's weight IS the word embedding table (one Parameter, two names)."""
+
+    def __init__(self, config: UniterConfig, word_embeddings: nn.Parameter):
+        super().__init__()
+        self.transform = HeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder.weight = word_embeddings
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.transform(x)) + self.bias
+
+
+class TransposedLinear(nn.Module):
+    """y = x W^T^T + b with W shared from an [out_features_of_W, in] Linear: the MRFR output layer."""
+
+    def __init__(self, weight: nn.Parameter, bias_size: int):
+        super().__init__()
+        self.weight = weight  # [H, img_dim], the image projection's own Parameter
+        self.bias = nn.Parameter(torch.zeros(bias_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.matmul(x, self.weight) + self.bias
+
+
+class MrfrHead(nn.Module):
+    def __init__(self, config: UniterConfig, img_linear_weight: nn.Parameter):
+        super().__init__()
+        self.transform = HeadTransform(config)
+        self.regress = TransposedLinear(img_linear_weight, config.img_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.regress(self.transform(x))
+
+
+class MrcHead(nn.Module):
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.transform = HeadTransform(config)
+        self.classifier = nn.Linear(config.hidden_size, config.img_label_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.transform(x))
+
+
+TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
+
+
+@dataclass
+class TaskOutput:
+    """One task's loss on a batch.
+
+    ``loss`` is the mean of ``item_losses`` (items: masked tokens for MLM, masked regions for MRM,
+    pairs for ITM). ``item_sample`` says which sample each item came from. ``num_correct`` counts
+    argmax hits where the task has classes (MLM, MRC, ITM), for accuracy metrics.
+    """
+
+    task: str
+    loss: Tensor
+    item_losses: Tensor
+    item_sample: Tensor
+    num_correct: Tensor | None = None
+    logits: Tensor | None = None
+    parts: dict[str, Tensor] | None = None
+
+    @property
+    def num_items(self) -> int:
+        return self.item_losses.numel()
+
+
+class UniterForPretraining(UniterPreTrainedModel):
+    """UNITER with the MLM, MRFR, MRC / MRC-kl and ITM (+ WRA) heads. One task per forward.
+
+    WRA runs on ITM batches: item loss = CE + ``wra_weight`` * (+d if matched, -d if swapped),
+    d the IPOT distance between the pair's word and region states; ``wra_weight=0`` is plain ITM.
+    """
+
+    def __init__(self, config: UniterConfig, wra_weight: float = 0.1, ipot_beta: float = 0.5,
+                 ipot_iterations: int = 50, ipot_inner_steps: int = 1):
+        super().__init__()
+        self.config = config
+        self.uniter = UniterModel(config)
+        self.mlm_head = MlmHead(config, self.uniter.embeddings.word_embeddings.weight)
+        self.mrfr_head = MrfrHead(config, self.uniter.img_embeddings.img_linear.weight)
+        self.mrc_head = MrcHead(config)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.wra_weight = wra_weight
+        self.ipot = dict(beta=ipot_beta, iterations=ipot_iterations, inner_steps=ipot_inner_steps)
+        self.init_weights()
+
+    def forward(self, batch: UniterBatch, task: str) -> TaskOutput:
+        if task not in TASKS:
+            raise ValueError(f"unknown pretraining task {task!r}; choose one of {TASKS}")
+        out = self.uniter(batch)
+        if task == "mlm":
+            return self.mlm_loss(out, batch)
+        if task in ("mrfr", "mrc", "mrc-kl"):
+            return self.mrm_loss(out, batch, task)
+        return self.itm_loss(out, batch)
+
+    def mlm_loss(self, out: UniterOutput, batch: UniterBatch) -> TaskOutput:
+        _require(batch, "mlm", "mlm_positions", "mlm_labels")
+        hidden = out.sequence_output.flatten(0, 1).index_select(0, batch.mlm_positions)
+        logits = self.mlm_head(hidden).float()
+        losses = F.cross_entropy(logits, batch.mlm_labels, reduction="none")
+        correct = (logits.argmax(-1) == batch.mlm_labels).sum()
+        return TaskOutput("mlm", losses.mean(), losses, batch.mlm_positions // batch.seq_len, correct)
+
+    def mrm_loss(self, out: UniterOutput, batch: UniterBatch, task: str) -> TaskOutput:
+        _require(batch, task, "img_masks", "mrm_positions", "mrm_img_index")
+        hidden = out.sequence_output.flatten(0, 1).index_select(0, batch.mrm_positions)
+        sample = batch.mrm_img_index // batch.img_feat.size(1)
+        if task == "mrfr":
+            target = batch.img_feat.flatten(0, 1).index_select(0, batch.mrm_img_index).float()
+            prediction = self.mrfr_head(hidden).float()
+            losses = F.mse_loss(prediction, target, reduction="none").mean(-1)
+            return TaskOutput(task, losses.mean(), losses, sample)
+        _require(batch, task, "img_soft_labels")
+        soft = batch.img_soft_labels.flatten(0, 1).index_select(0, batch.mrm_img_index).float()
+        logits = self.mrc_head(hidden).float()
+        # The detector's top non-background class (class 0 is background and never a target).
+        hard = soft[:, 1:].argmax(-1) + 1
+        if task == "mrc":
+            losses = F.cross_entropy(logits, hard, reduction="none")
+        else:  # KL(detector distribution || predicted distribution)
+            losses = F.kl_div(F.log_softmax(logits, -1), soft, reduction="none").sum(-1)
+        correct = (logits.argmax(-1) == hard).sum()
+        return TaskOutput(task, losses.mean(), losses, sample, correct)
+
+    def itm_loss(self, out: UniterOutput, batch: UniterBatch) -> TaskOutput:
+        _require(batch, "itm", "itm_targets")
+        logits = self.itm_head(out.pooled_output).float()
+        ce = F.cross_entropy(logits, batch.itm_targets, reduction="none")
+        losses, parts = ce, {"itm_ce": ce.mean()}
+        if self.wra_weight:
+            distance = wra_distance(out.text_states, out.region_states, out.text_mask, out.region_mask,
+                                    **self.ipot)
+            signed = torch.where(batch.itm_targets == 1, distance, -distance)
+            losses = ce + self.wra_weight * signed
+            parts["wra_ot"] = signed.mean()
+        correct = (logits.argmax(-1) == batch.itm_targets).sum()
+        sample = torch.arange(batch.batch_size, device=logits.device)
+        return TaskOutput("itm", losses.mean(), losses, sample, correct, logits, parts)
+
+
+def _require(batch: UniterBatch, task: str, *fields: str) -> None:
+    missing = [f for f in fields if getattr(batch, f) is None]
+    if missing:
+        raise ValueError(f"task {task!r} needs batch field(s) {missing}; build the batch with the "
+                         f"matching build_batch arguments")
