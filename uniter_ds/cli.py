@@ -36,6 +36,66 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_synth(args: argparse.Namespace) -> int:
+    from .data import Manifest, synth_dataset
+
+    synth_dataset(
+        args.out, images=args.images, img_dim=args.img_dim,
+        img_label_dim=None if args.img_label_dim == 0 else args.img_label_dim,
+        min_regions=args.min_regions, max_regions=args.max_regions, min_captions=args.min_captions,
+        max_captions=args.max_captions, num_classes=args.num_classes, seed=args.seed, world_seed=args.world_seed,
+        max_shard_bytes=int(args.shard_mb * 2**20), name=args.name,
+    )
+    manifest = Manifest.load(args.out)
+    print(f"wrote {manifest.images} images / {manifest.pairs} pairs in {len(manifest.shards)} shards to {args.out}")
+    return 0
+
+
+def _print_conversion(out: str, manifest, report) -> int:
+    print(f"wrote {manifest.images} images / {manifest.pairs} pairs in {len(manifest.shards)} shards to {out}")
+    print(f"  images without captions: {report.images_without_captions}, captions without image: "
+          f"{report.captions_without_image}, skipped images: {report.skipped_images}")
+    for problem in report.problems[:10]:
+        print(f"  skipped: {problem}")
+    return 0
+
+
+def _data_convert(args: argparse.Namespace) -> int:
+    from .data.convert import convert_original, convert_tsv
+
+    common = dict(conf_th=args.conf_th, min_regions=args.min_regions, max_regions=args.max_regions,
+                  max_shard_bytes=int(args.shard_mb * 2**20), name=args.name, on_error=args.on_error)
+    if args.layout == "original":
+        if not (args.img_dir and args.txt):
+            raise ValueError("convert original needs --img-dir and --txt")
+        manifest, report = convert_original(args.img_dir, args.txt, args.out, vocab_file=args.vocab,
+                                            with_soft_labels=not args.no_soft_labels, **common)
+    else:
+        if not (args.tsv and args.captions and args.tokenizer):
+            raise ValueError("convert tsv needs --tsv, --captions and --tokenizer")
+        manifest, report = convert_tsv(args.tsv, args.captions, args.tokenizer, args.out, **common)
+    return _print_conversion(args.out, manifest, report)
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from .data.inspect import inspect_dataset
+
+    report = inspect_dataset(args.folder)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['folder']}: {report['name']} (format v{report['format_version']}), {report['shards']} shards, "
+              f"{report['images']} images, {report['pairs']} pairs; read {report['images_read']} images")
+        print(f"  features {report['img_dim']}-d, soft labels {report['img_label_dim']}, "
+              f"tokenizer {report['tokenizer']}")
+        print(f"  regions per image {report['regions']}")
+        print(f"  caption tokens {report['text_lengths']}")
+        print(f"  problems: {report['problems'] or 'none'}")
+        for example in report["examples"]:
+            print(f"    {example}")
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +104,47 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", help="a UNITER json config instead of a preset")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(run=_model_info)
+
+    data = commands.add_parser("data", help="make, convert and check datasets of shards").add_subparsers(
+        dest="data_command", required=True)
+    synth = data.add_parser("synth", help="a synthetic grounded corpus (tests, demos, benchmarks)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--images", type=int, default=1000)
+    synth.add_argument("--img-dim", type=int, default=2048)
+    synth.add_argument("--img-label-dim", type=int, default=1601, help="0: no soft labels")
+    synth.add_argument("--min-regions", type=int, default=10)
+    synth.add_argument("--max-regions", type=int, default=100)
+    synth.add_argument("--min-captions", type=int, default=1)
+    synth.add_argument("--max-captions", type=int, default=5)
+    synth.add_argument("--num-classes", type=int, default=40)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--world-seed", type=int, default=0, help="the same for a training set and its held-out set")
+    synth.add_argument("--shard-mb", type=float, default=64)
+    synth.add_argument("--name", default="synth")
+    synth.set_defaults(run=_data_synth)
+
+    convert = data.add_parser("convert", help="from the original UNITER layout or a bottom-up-attention TSV")
+    convert.add_argument("layout", choices=["original", "tsv"])
+    convert.add_argument("--out", required=True)
+    convert.add_argument("--img-dir", help="original: folder of per-image .npz files")
+    convert.add_argument("--txt", help="original: JSON-lines text table or LMDB txt_db folder (meta.json beside/in it)")
+    convert.add_argument("--vocab", help="original: the tokenizer's vocab.txt, to record its hash")
+    convert.add_argument("--no-soft-labels", action="store_true", help="original: do not store soft labels")
+    convert.add_argument("--tsv", help="tsv: the bottom-up-attention features file")
+    convert.add_argument("--captions", help="tsv: JSON lines of {image_id, caption}")
+    convert.add_argument("--tokenizer", help="tsv: a Hugging Face tokenizer folder")
+    convert.add_argument("--conf-th", type=float, default=0.2)
+    convert.add_argument("--min-regions", type=int, default=10)
+    convert.add_argument("--max-regions", type=int, default=100)
+    convert.add_argument("--shard-mb", type=float, default=512)
+    convert.add_argument("--name", default="data")
+    convert.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    convert.set_defaults(run=_data_convert)
+
+    inspect = data.add_parser("inspect", help="summary of a dataset folder; validates every sample")
+    inspect.add_argument("folder")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(run=_data_inspect)
     return parser
 
 
@@ -51,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"uniter-ds {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -38,6 +38,7 @@ class UniterBatch:
     mrm_img_index: Tensor | None = None  # [R] long: flat index into [B * Ni] of the same regions
     img_soft_labels: Tensor | None = None  # [B, Ni, img_label_dim]: detector class distributions
     itm_targets: Tensor | None = None  # [B] long: 1 = matched pair, 0 = swapped image
+    meta: dict | None = None  # what the data path knows about the batch (ids, token counts, reader stats)
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,172 @@
+"""Per-task input changes (conditional masking, ITM negatives), token-budget batching and collation.
+
+Masking follows the reference implementation exactly:
+- MLM: each word token (never [CLS]/[SEP]) is chosen with probability 0.15; a chosen token becomes
+  [MASK] with probability 0.8, a random id from the tokenizer's word range with 0.1, and stays with 0.1.
+  If no token was chosen, the first word is chosen and becomes [MASK].
+- MRFR / MRC / MRC-kl: each region is chosen with probability 0.15, at least one (a random one).
+  The model zeroes the chosen features and adds the mask embedding; the targets stay in the batch.
+- ITM: with probability 0.5 the image is replaced by another image (never the pair's own), target 0.
+Conditional masking: one task per batch, only that task's modality masked. Joint masking (the paper's
+ablation): MLM and MRM batches have both modalities masked.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.inputs import IGNORE_INDEX, UniterBatch, build_batch
+from .format import TokenizerInfo
+from .reader import ImageRecord, Pair
+
+TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
+REGION_TASKS = ("mrfr", "mrc", "mrc-kl")
+
+
+@dataclass
+class TaskSample:
+    """A pair after its task's input changes, ready to collate."""
+
+    pair_id: tuple[str, int]  # (image key, caption index) of the caption
+    image_key: str  # the image actually paired (differs from pair_id[0] for ITM negatives)
+    input_ids: np.ndarray
+    feat: np.ndarray
+    pos: np.ndarray
+    soft: np.ndarray | None
+    txt_labels: np.ndarray | None = None
+    img_mask: np.ndarray | None = None
+    itm_target: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids) + len(self.feat)
+
+
+def mask_text(input_ids: np.ndarray, tokenizer: TokenizerInfo, rng: np.random.Generator,
+              mask_prob: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """MLM corruption of ``[CLS] words [SEP]``: (corrupted ids, labels with IGNORE_INDEX where not a target)."""
+    words = input_ids[1:-1]
+    draw = rng.random(len(words))
+    chosen = draw < mask_prob
+    if not chosen.any():
+        chosen[0], draw[0] = True, 0.0  # the reference's fallback: the first word, as [MASK]
+    within = draw / mask_prob
+    corrupted = words.copy()
+    to_mask = chosen & (within < 0.8)
+    to_random = chosen & (within >= 0.8) & (within < 0.9)
+    corrupted[to_mask] = tokenizer.mask_id
+    corrupted[to_random] = rng.integers(*tokenizer.random_range, size=int(to_random.sum()))
+    labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
+    labels[1:-1][chosen] = words[chosen]
+    out = input_ids.copy()
+    out[1:-1] = corrupted
+    return out, labels
+
+
+def mask_regions(num_regions: int, rng: np.random.Generator, mask_prob: float = 0.15) -> np.ndarray:
+    chosen = rng.random(num_regions) < mask_prob
+    if not chosen.any():
+        chosen[rng.integers(num_regions)] = True
+    return chosen
+
+
+class TaskTransform:
+    """Applies one task's input changes to a stream of pairs (stateful for ITM's pool of other images)."""
+
+    def __init__(self, task: str, tokenizer: TokenizerInfo, rng: np.random.Generator, *,
+                 mask_prob: float = 0.15, itm_neg_prob: float = 0.5, joint_masking: bool = False,
+                 negative_pool: int = 256):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+        self.task, self.tokenizer, self.rng = task, tokenizer, rng
+        self.mask_prob, self.itm_neg_prob, self.joint = mask_prob, itm_neg_prob, joint_masking
+        self.pool: deque[ImageRecord] = deque(maxlen=negative_pool)
+        self.forced_positives = 0  # ITM pairs that were to be negatives but had no other image yet
+
+    def __call__(self, pair: Pair) -> TaskSample:
+        image = pair.image
+        sample = TaskSample((image.key, pair.caption_index), image.key, pair.input_ids, image.feat, image.pos,
+                            image.soft)
+        if self.task == "itm":
+            sample.itm_target = 1
+            if self.rng.random() < self.itm_neg_prob:
+                negative = self._other_image(image)
+                if negative is None:
+                    self.forced_positives += 1
+                else:
+                    sample.image_key, sample.feat, sample.pos, sample.soft = (
+                        negative.key, negative.feat, negative.pos, negative.soft)
+                    sample.itm_target = 0
+            self.pool.append(image)
+            return sample
+        if self.task == "mlm" or self.joint:
+            sample.input_ids, sample.txt_labels = mask_text(pair.input_ids, self.tokenizer, self.rng, self.mask_prob)
+        if self.task in REGION_TASKS or self.joint:
+            sample.img_mask = mask_regions(len(image.feat), self.rng, self.mask_prob)
+        return sample
+
+    def _other_image(self, image: ImageRecord) -> ImageRecord | None:
+        candidates = [other for other in self.pool if other.image_id != image.image_id]
+        if not candidates:
+            return None
+        return candidates[int(self.rng.integers(len(candidates)))]
+
+
+def budget_batches(samples: Iterator[TaskSample], token_budget: int, pool_size: int,
+                   rng: random.Random) -> Iterator[list[TaskSample]]:
+    """Micro-batches of similar-length samples with (count x longest) <= token_budget.
+
+    The streaming form of the reference's token-bucket sampler: gather ``pool_size`` samples, sort by
+    length, cut greedily, emit the batches in random order. A sample longer than the budget goes alone.
+    """
+    pool: list[TaskSample] = []
+    for sample in samples:
+        pool.append(sample)
+        if len(pool) >= pool_size:
+            yield from _cut(pool, token_budget, rng)
+            pool = []
+    if pool:
+        yield from _cut(pool, token_budget, rng)
+
+
+def _cut(pool: list[TaskSample], token_budget: int, rng: random.Random) -> list[list[TaskSample]]:
+    pool.sort(key=lambda s: s.num_tokens)
+    batches, current = [], []
+    for sample in pool:
+        # Sorted ascending: the newcomer is the longest of the batch.
+        if current and (len(current) + 1) * sample.num_tokens > token_budget:
+            batches.append(current)
+            current = []
+        current.append(sample)
+    batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(samples: list[TaskSample], task: str, pad_to_multiple_of: int = 1) -> UniterBatch:
+    regions = task in REGION_TASKS or samples[0].img_mask is not None
+    batch = build_batch(
+        [torch.from_numpy(s.input_ids) for s in samples],
+        [torch.from_numpy(s.feat) for s in samples],
+        [torch.from_numpy(s.pos) for s in samples],
+        txt_labels=[torch.from_numpy(s.txt_labels) for s in samples] if samples[0].txt_labels is not None else None,
+        img_masks=[torch.from_numpy(s.img_mask) for s in samples] if regions else None,
+        img_soft_labels=([torch.from_numpy(s.soft) for s in samples]
+                         if task in ("mrc", "mrc-kl") else None),
+        itm_targets=[s.itm_target for s in samples] if task == "itm" else None,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
+    batch.meta = {
+        "task": task,
+        "pairs": [s.pair_id for s in samples],
+        "images": [s.image_key for s in samples],
+        "real_tokens": sum(s.num_tokens for s in samples),
+        "padded_tokens": batch.padded_tokens(),
+    }
+    return batch

@@ -1,0 +1,303 @@
+"""Converters from the layouts people already have into uniter-ds shards.
+
+- ``original``: the UNITER reference's layout. Images: a folder of per-image ``.npz`` files with
+  ``features`` (N x 2048), ``norm_bb`` (N x 6), ``conf`` (N) and ``soft_labels`` (N x 1601).
+  Text: a JSON-lines table (``{"id", "img_fname", "input_ids", "raw"}``, ids without CLS/SEP) or the
+  reference's LMDB ``txt_db`` folder (lz4-compressed msgpack values, ``meta.json`` with cls/sep/mask
+  ids and ``v_range``; needs ``pip install uniter-ds[convert]``).
+- ``tsv``: the bottom-up-attention TSV (``image_id, image_w, image_h, num_boxes, boxes, features``,
+  base64 float32; optional ``cls_prob`` and ``objects_conf``) plus a JSON-lines captions file
+  (``{"image_id", "caption"}``), tokenized with a Hugging Face tokenizer folder given by the user.
+
+Region selection as the reference: keep the regions with confidence > ``conf_th``, at least
+``min_regions`` and at most ``max_regions``, in the detector's order (which is by confidence).
+Captions are held in memory (ids as int32 arrays); features stream one image at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .format import DataError, Manifest, TokenizerInfo, positions_from_boxes, positions_from_norm_bb
+from .writer import DatasetWriter
+
+
+@dataclass
+class ConversionReport:
+    images_written: int = 0
+    pairs_written: int = 0
+    images_without_captions: int = 0
+    captions_without_image: int = 0
+    skipped_images: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def skip(self, message: str) -> None:
+        self.skipped_images += 1
+        self.problems.append(message)
+
+
+def select_regions(conf: np.ndarray | None, total: int, conf_th: float, min_regions: int, max_regions: int) -> int:
+    """How many of the detector's (confidence-sorted) regions to keep."""
+    if conf is None:
+        return min(total, max_regions)
+    keep = max(min_regions, int((np.asarray(conf) > conf_th).sum()))
+    return min(keep, max_regions, total)
+
+
+def _captions_by_image(rows: Iterator[tuple[str, dict]], image_field: str) -> dict[str, list[dict]]:
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for where, row in rows:
+        if image_field not in row or "input_ids" not in row:
+            raise DataError(f"{where}: text row needs {image_field!r} and 'input_ids', has {sorted(row)}")
+        by_image[str(row[image_field])].append({
+            "id": str(row.get("id", row.get("txt_id", ""))),
+            "text": row.get("raw", row.get("caption", "")),
+            "input_ids": np.asarray(row["input_ids"], dtype=np.int32),
+        })
+    return by_image
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{line_number}", json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{line_number}: not valid JSON ({error})") from error
+
+
+def _lmdb_rows(folder: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        import lmdb
+        import lz4.frame
+        import msgpack
+    except ImportError as error:
+        raise DataError(f"{folder}: reading an LMDB txt_db needs lmdb, lz4 and msgpack "
+                        f"(pip install 'uniter-ds[convert]')") from error
+    env = lmdb.open(str(folder), readonly=True, lock=False, readahead=False)
+    with env.begin() as txn:
+        for key, value in txn.cursor():
+            row = msgpack.loads(lz4.frame.decompress(value), raw=False)
+            row.setdefault("id", key.decode())
+            yield f"{folder}[{key.decode()}]", row
+    env.close()
+
+
+def original_tokenizer_info(meta_file: Path, vocab_file: Path | None, vocab_size: int | None) -> TokenizerInfo:
+    """From the reference's txt_db ``meta.json`` (``cls``, ``sep``, ``mask``, ``v_range``, ``bert``/``toker``)."""
+    meta = json.loads(meta_file.read_text())
+    missing = [k for k in ("cls", "sep", "mask", "v_range") if k not in meta]
+    if missing:
+        raise DataError(f"{meta_file}: missing {missing}")
+    if vocab_file is not None:
+        digest = TokenizerInfo.hash_vocab(vocab_file)
+        size = len(Path(vocab_file).read_text().splitlines())
+    else:
+        digest, size = "unknown", vocab_size or int(meta["v_range"][1])
+    return TokenizerInfo(name=meta.get("toker", meta.get("bert", "unknown")), vocab_size=size, vocab_sha256=digest,
+                         cls_id=meta["cls"], sep_id=meta["sep"], mask_id=meta["mask"], pad_id=meta.get("pad", 0),
+                         random_range=tuple(meta["v_range"]))
+
+
+def convert_original(
+    img_dir: str | Path,
+    txt: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: TokenizerInfo | None = None,
+    vocab_file: str | Path | None = None,
+    conf_th: float = 0.2,
+    min_regions: int = 10,
+    max_regions: int = 100,
+    with_soft_labels: bool = True,
+    max_shard_bytes: int = 512 * 2**20,
+    name: str = "data",
+    on_error: str = "raise",
+) -> tuple[Manifest, ConversionReport]:
+    img_dir, txt = Path(img_dir), Path(txt)
+    if txt.is_dir():
+        if tokenizer is None:
+            tokenizer = original_tokenizer_info(txt / "meta.json", Path(vocab_file) if vocab_file else None, None)
+        rows = _lmdb_rows(txt)
+    else:
+        if tokenizer is None:
+            meta_file = txt.parent / "meta.json"
+            if not meta_file.exists():
+                raise DataError(f"{txt}: give the tokenizer (cls/sep/mask ids, v_range) or put a meta.json beside it")
+            tokenizer = original_tokenizer_info(meta_file, Path(vocab_file) if vocab_file else None, None)
+        rows = _jsonl(txt)
+    captions = _captions_by_image(rows, "img_fname")
+    report = ConversionReport()
+    files = {p.name: p for p in sorted(img_dir.glob("*.npz"))}
+    report.captions_without_image = sum(len(c) for f, c in captions.items() if f not in files and
+                                        f + ".npz" not in files)
+    img_dim = label_dim = None
+    writer = None
+    try:
+        for file_name, path in files.items():
+            image_captions = captions.get(file_name) or captions.get(path.stem)
+            if not image_captions:
+                report.images_without_captions += 1
+                continue
+            try:
+                with np.load(path) as npz:
+                    missing = [k for k in ("features", "norm_bb", "conf") if k not in npz]
+                    if missing:
+                        raise DataError(f"{path}: missing array(s) {missing}")
+                    feat, norm_bb, conf = npz["features"], npz["norm_bb"], npz["conf"]
+                    soft = npz["soft_labels"] if with_soft_labels and "soft_labels" in npz else None
+                if with_soft_labels and soft is None:
+                    raise DataError(f"{path}: no soft_labels (convert with with_soft_labels=False to go without)")
+                keep = select_regions(conf, len(feat), conf_th, min_regions, max_regions)
+                if writer is None:
+                    img_dim = feat.shape[1]
+                    label_dim = soft.shape[1] if soft is not None else None
+                    writer = DatasetWriter(out, name=name, img_dim=img_dim, img_label_dim=label_dim,
+                                           tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, overwrite=True,
+                                           source={"converter": "original", "img_dir": str(img_dir), "txt": str(txt),
+                                                   "conf_th": conf_th, "regions": [min_regions, max_regions]})
+                writer.add(path.stem, feat[:keep], positions_from_norm_bb(norm_bb[:keep]),
+                           [c | {"input_ids": c["input_ids"].tolist()} for c in image_captions],
+                           conf=conf[:keep], soft=soft[:keep] if soft is not None else None)
+            except DataError as error:
+                located = error if str(path) in str(error) else DataError(f"{path}: {error}")
+                if on_error == "raise":
+                    raise located from error
+                report.skip(str(located))
+                continue
+            report.images_written += 1
+            report.pairs_written += len(image_captions)
+        if writer is None:
+            raise DataError(f"{img_dir}: no image with captions found (npz files: {len(files)})")
+        manifest = writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return manifest, report
+
+
+def tokenizer_info_from_hf(folder: str | Path):
+    """Load a Hugging Face tokenizer from a local folder; describe it as a :class:`TokenizerInfo`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    vocab = tok.get_vocab()
+    # Random replacement draws from the word range: after the bracketed special/[unusedN] tokens that
+    # open a BERT vocabulary (999 for bert-base-cased, as the reference's v_range).
+    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+    start = 0
+    for token, index in by_id[:2000]:
+        if re.fullmatch(r"\[.*\]|<.*>", token):
+            start = index + 1
+    vocab_file = Path(folder) / "vocab.txt"
+    digest = TokenizerInfo.hash_vocab(vocab_file) if vocab_file.exists() else \
+        TokenizerInfo.hash_vocab(Path(folder) / "tokenizer.json")
+    info = TokenizerInfo(name=Path(folder).name, vocab_size=len(vocab), vocab_sha256=digest,
+                         cls_id=tok.cls_token_id, sep_id=tok.sep_token_id, mask_id=tok.mask_token_id,
+                         pad_id=tok.pad_token_id or 0, random_range=(start, len(vocab)))
+    return tok, info
+
+
+TSV_FIELDS = ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features"]
+
+
+def _decode_b64(value: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    try:
+        array = np.frombuffer(base64.b64decode(value), dtype=np.float32)
+        return array.reshape(shape)
+    except ValueError as error:
+        raise DataError(f"{where}: cannot decode to float32 {shape} ({error})") from error
+
+
+def convert_tsv(
+    tsv: str | Path,
+    captions_file: str | Path,
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    *,
+    fields: list[str] | None = None,
+    conf_th: float = 0.2,
+    min_regions: int = 10,
+    max_regions: int = 100,
+    max_shard_bytes: int = 512 * 2**20,
+    name: str = "data",
+    on_error: str = "raise",
+) -> tuple[Manifest, ConversionReport]:
+    """Bottom-up-attention TSV + captions JSON lines -> shards. ``fields``: the TSV's columns, by default
+    the six standard ones; ``cls_prob`` (N x C, float32) and ``objects_conf`` (N) are used when present."""
+    tsv, fields = Path(tsv), fields or TSV_FIELDS
+    tok, tokenizer = tokenizer_info_from_hf(tokenizer_dir)
+    rows = []
+    for where, row in _jsonl(Path(captions_file)):
+        if "image_id" not in row or "caption" not in row:
+            raise DataError(f"{where}: captions need 'image_id' and 'caption', have {sorted(row)}")
+        ids = tok(row["caption"], add_special_tokens=False)["input_ids"]
+        rows.append((where, {"image_id": str(row["image_id"]), "id": str(row.get("id", where)),
+                             "caption": row["caption"], "input_ids": ids}))
+    captions = _captions_by_image(iter(rows), "image_id")
+    report = ConversionReport()
+    seen: set[str] = set()
+    writer = None
+    csv.field_size_limit(sys.maxsize)
+    try:
+        with open(tsv, newline="") as f:
+            for line_number, row in enumerate(csv.DictReader(f, delimiter="\t", fieldnames=fields), 1):
+                where = f"{tsv}:{line_number}"
+                try:
+                    image_id = str(row["image_id"])
+                    seen.add(image_id)
+                    image_captions = captions.get(image_id)
+                    if not image_captions:
+                        report.images_without_captions += 1
+                        continue
+                    n = int(row["num_boxes"])
+                    boxes = _decode_b64(row["boxes"], (n, 4), f"{where} boxes")
+                    feat = _decode_b64(row["features"], (n, -1), f"{where} features")
+                    conf = (_decode_b64(row["objects_conf"], (n,), f"{where} objects_conf")
+                            if row.get("objects_conf") else None)
+                    soft = _decode_b64(row["cls_prob"], (n, -1), f"{where} cls_prob") if row.get("cls_prob") else None
+                    keep = select_regions(conf, n, conf_th, min_regions, max_regions)
+                    pos = positions_from_boxes(boxes[:keep], float(row["image_w"]), float(row["image_h"]))
+                    if writer is None:
+                        writer = DatasetWriter(out, name=name, img_dim=feat.shape[1],
+                                               img_label_dim=soft.shape[1] if soft is not None else None,
+                                               tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, overwrite=True,
+                                               source={"converter": "tsv", "tsv": str(tsv),
+                                                       "captions": str(captions_file),
+                                                       "tokenizer": str(tokenizer_dir), "conf_th": conf_th,
+                                                       "regions": [min_regions, max_regions]})
+                    writer.add(image_id, feat[:keep], pos,
+                               [c | {"input_ids": c["input_ids"].tolist()} for c in image_captions],
+                               conf=conf[:keep] if conf is not None else None,
+                               soft=soft[:keep] if soft is not None else None,
+                               extra={"width": float(row["image_w"]), "height": float(row["image_h"])})
+                except (DataError, KeyError, ValueError) as error:
+                    message = error if isinstance(error, DataError) else DataError(f"{where}: bad row ({error!r})")
+                    located = message if where in str(message) else DataError(f"{where}: {message}")
+                    if on_error == "raise":
+                        raise located from error
+                    report.skip(str(located))
+                    continue
+                report.images_written += 1
+                report.pairs_written += len(image_captions)
+        report.captions_without_image = sum(len(c) for i, c in captions.items() if i not in seen)
+        if writer is None:
+            raise DataError(f"{tsv}: no image with captions found")
+        manifest = writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return manifest, report

@@ -1,0 +1,139 @@
+"""The data loader of one pretraining task: shards on disk -> ready :class:`UniterBatch` es.
+
+Everything per sample (read, decode, mask, batch, collate) runs inside the DataLoader workers; the
+training process only receives finished batches (pinned when a GPU is present).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..model.inputs import UniterBatch
+from .batching import TASKS, TaskTransform, budget_batches, collate
+from .format import DataError, Manifest, check_compatible
+from .reader import ReaderStats, pairs_of, read_shard, resolve_sources, shards_for_worker, shuffled
+
+
+@dataclass
+class LoaderConfig:
+    token_budget: int = 8192  # text + regions incl. padding, per micro-batch
+    split: str = "exact"  # "exact" or "resampled"
+    seed: int = 0
+    shuffle_buffer: int = 2000  # pairs
+    bucket_pool: int = 512  # pairs sorted together before cutting into batches
+    max_text_len: int | None = 60  # longer captions are dropped (and counted), as in the reference
+    on_error: str = "raise"  # "raise" or "skip" (skip and count)
+    num_workers: int = 2
+    mask_prob: float = 0.15
+    itm_neg_prob: float = 0.5
+    masking: str = "conditional"  # or "joint"
+    pad_to_multiple_of: int = 1
+
+    def __post_init__(self) -> None:
+        checks = {
+            "token_budget": self.token_budget > 0, "split": self.split in ("exact", "resampled"),
+            "shuffle_buffer": self.shuffle_buffer >= 0, "bucket_pool": self.bucket_pool >= 1,
+            "on_error": self.on_error in ("raise", "skip"), "num_workers": self.num_workers >= 0,
+            "mask_prob": 0 < self.mask_prob < 1, "itm_neg_prob": 0 <= self.itm_neg_prob <= 1,
+            "masking": self.masking in ("conditional", "joint"), "pad_to_multiple_of": self.pad_to_multiple_of >= 1,
+            "max_text_len": self.max_text_len is None or self.max_text_len >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"LoaderConfig: invalid value for {bad}: " +
+                             ", ".join(f"{name}={getattr(self, name)!r}" for name in bad))
+
+
+class TaskStream(IterableDataset):
+    """An endless (``resampled``) or one-epoch (``exact``) stream of batches for one task on one rank."""
+
+    def __init__(self, sources: Sequence[str | Path], task: str, config: LoaderConfig, *, rank: int = 0,
+                 world_size: int = 1, epoch: int = 0):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+        self.shards = resolve_sources(sources)
+        self.manifest: Manifest = self.shards[0].manifest
+        self.task, self.config, self.rank, self.world_size, self.epoch = task, config, rank, world_size, epoch
+
+    def check_model(self, *, img_dim: int, img_label_dim: int, vocab_size: int, img_pos_dim: int = 7) -> None:
+        check_compatible(self.manifest, source=str(self.shards[0].path.parent), img_dim=img_dim,
+                         img_pos_dim=img_pos_dim, img_label_dim=img_label_dim, vocab_size=vocab_size,
+                         need_soft_labels=self.task in ("mrc", "mrc-kl"))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[UniterBatch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        global_worker = self.rank * num_workers + worker
+        cfg = self.config
+        # One independent, reproducible random stream per (seed, epoch, task, rank, worker).
+        seed_words = [cfg.seed, self.epoch, TASKS.index(self.task), global_worker]
+        rng = random.Random("-".join(map(str, seed_words)))
+        np_rng = np.random.default_rng(seed_words)
+        stats = ReaderStats()
+        shards = shards_for_worker(self.shards, mode=cfg.split, seed=cfg.seed, epoch=self.epoch,
+                                   global_worker=global_worker, num_global_workers=self.world_size * num_workers)
+        images = itertools.chain.from_iterable(read_shard(s, stats, cfg.on_error) for s in shards)
+        tokenizer = self.manifest.tokenizer
+        pairs = itertools.chain.from_iterable(pairs_of(im, tokenizer, cfg.max_text_len, stats) for im in images)
+        transform = TaskTransform(self.task, tokenizer, np_rng, mask_prob=cfg.mask_prob,
+                                  itm_neg_prob=cfg.itm_neg_prob, joint_masking=cfg.masking == "joint")
+        samples = map(transform, shuffled(pairs, cfg.shuffle_buffer, rng))
+        for group in budget_batches(samples, cfg.token_budget, cfg.bucket_pool, rng):
+            batch = collate(group, self.task, cfg.pad_to_multiple_of)
+            batch.meta["worker"] = global_worker
+            batch.meta["reader"] = stats.as_dict() | {"itm_forced_positives": transform.forced_positives}
+            yield batch
+
+
+class LoaderStats:
+    """Reader counts summed over the workers of a loader (each batch carries its worker's running counts)."""
+
+    def __init__(self) -> None:
+        self.per_worker: dict[int, dict] = {}
+        self.batches = 0
+        self.real_tokens = 0
+        self.padded_tokens = 0
+
+    def update(self, batch: UniterBatch) -> None:
+        meta = batch.meta or {}
+        self.per_worker[meta.get("worker", 0)] = meta.get("reader", {})
+        self.batches += 1
+        self.real_tokens += meta.get("real_tokens", 0)
+        self.padded_tokens += meta.get("padded_tokens", 0)
+
+    def totals(self) -> dict:
+        out: dict = {"batches": self.batches, "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
+                     "padding_fraction": 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0}
+        errors: dict[str, int] = {}
+        for counts in self.per_worker.values():
+            for key, value in counts.items():
+                if key == "errors":
+                    for kind, n in value.items():
+                        errors[kind] = errors.get(kind, 0) + n
+                elif isinstance(value, int):
+                    out[key] = out.get(key, 0) + value
+        out["errors"] = errors
+        return out
+
+
+def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig, *, rank: int = 0,
+                 world_size: int = 1, epoch: int = 0) -> DataLoader:
+    dataset = TaskStream(sources, task, config, rank=rank, world_size=world_size, epoch=epoch)
+    return DataLoader(
+        dataset, batch_size=None, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None,
+    )
+
+
+__all__ = ["DataError", "LoaderConfig", "LoaderStats", "TaskStream", "build_loader"]
