@@ -260,7 +260,7 @@ def test_conditional_and_joint_masking_per_task(corpus):
 
 
 def test_token_budget_batches_keep_every_sample_and_little_padding(corpus):
-    config = LoaderConfig(num_workers=0, token_budget=800, split="exact", bucket_pool=256, max_text_len=None)
+    config = LoaderConfig(num_workers=0, token_budget=800, split="exact", max_text_len=None)
     stats = LoaderStats()
     count = 0
     for batch in build_loader([corpus], "mrfr", config):
@@ -281,11 +281,14 @@ def test_budget_batcher_on_its_own():
     lengths = [rng.randint(5, 150) for _ in range(1000)]
     samples = [TaskSample(("k", i), "k", np.zeros(n, dtype=np.int64), np.zeros((0, 4)), np.zeros((0, 7)), None)
                for i, n in enumerate(lengths)]
-    batches = list(budget_batches(iter(samples), 1024, 200, rng))
+    batches = list(budget_batches(iter(samples), 1024))
     assert sorted(s.pair_id[1] for b in batches for s in b) == list(range(1000))
     assert all(len(b) * max(s.num_tokens for s in b) <= 1024 for b in batches)
     padded = sum(len(b) * max(s.num_tokens for s in b) for b in batches)
     assert 1 - sum(lengths) / padded < 0.10
+    # A cap on waiting samples flushes early but loses nothing.
+    capped = list(budget_batches(iter(samples), 1024, max_waiting=50))
+    assert sorted(s.pair_id[1] for b in capped for s in b) == list(range(1000))
 
 
 def test_batches_feed_the_model(corpus):

@@ -13,7 +13,7 @@ ablation): MLM and MRM batches have both modalities masked.
 
 from __future__ import annotations
 
-import random
+import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..model.inputs import IGNORE_INDEX, UniterBatch, build_batch
+from ..model.inputs import IGNORE_INDEX, UniterBatch, batch_from_padded
 from .format import TokenizerInfo
 from .reader import ImageRecord, Pair
 
@@ -118,55 +118,79 @@ class TaskTransform:
         return candidates[int(self.rng.integers(len(candidates)))]
 
 
-def budget_batches(samples: Iterator[TaskSample], token_budget: int, pool_size: int,
-                   rng: random.Random) -> Iterator[list[TaskSample]]:
+def budget_batches(samples: Iterator[TaskSample], token_budget: int, bucket_growth: float = 1.08,
+                   max_waiting: int = 4096) -> Iterator[list[TaskSample]]:
     """Micro-batches of similar-length samples with (count x longest) <= token_budget.
 
-    The streaming form of the reference's token-bucket sampler: gather ``pool_size`` samples, sort by
-    length, cut greedily, emit the batches in random order. A sample longer than the budget goes alone.
+    The streaming form of the reference's token-bucket sampler: each sample joins the bucket of its
+    length (buckets grow geometrically by ``bucket_growth``, so padding within a batch stays under
+    ~8%); a bucket is emitted as soon as one more sample would exceed the budget. The input is
+    already shuffled, so batches come out in random order. At most ``max_waiting`` samples wait (the
+    fullest bucket is emitted beyond that); a sample longer than the budget goes alone.
     """
-    pool: list[TaskSample] = []
+    log_growth = math.log(bucket_growth)
+    buckets: dict[int, list[TaskSample]] = {}
+    longest: dict[int, int] = {}
+    waiting = 0
     for sample in samples:
-        pool.append(sample)
-        if len(pool) >= pool_size:
-            yield from _cut(pool, token_budget, rng)
-            pool = []
-    if pool:
-        yield from _cut(pool, token_budget, rng)
+        length = sample.num_tokens
+        key = int(math.log(max(length, 1)) / log_growth)
+        bucket = buckets.setdefault(key, [])
+        if bucket and (len(bucket) + 1) * max(longest[key], length) > token_budget:
+            yield bucket
+            waiting -= len(bucket)
+            bucket = buckets[key] = []
+        bucket.append(sample)
+        longest[key] = max(longest[key], length) if len(bucket) > 1 else length
+        waiting += 1
+        if waiting > max_waiting:
+            flushed = buckets.pop(max(buckets, key=lambda k: len(buckets[k]) * longest[k]))
+            waiting -= len(flushed)
+            yield flushed
+    # End of the stream: merge what is left, shortest first, into as few batches as fit.
+    rest = sorted((s for b in buckets.values() for s in b), key=lambda s: s.num_tokens)
+    batch: list[TaskSample] = []
+    for sample in rest:
+        if batch and (len(batch) + 1) * sample.num_tokens > token_budget:
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
 
 
-def _cut(pool: list[TaskSample], token_budget: int, rng: random.Random) -> list[list[TaskSample]]:
-    pool.sort(key=lambda s: s.num_tokens)
-    batches, current = [], []
-    for sample in pool:
-        # Sorted ascending: the newcomer is the longest of the batch.
-        if current and (len(current) + 1) * sample.num_tokens > token_budget:
-            batches.append(current)
-            current = []
-        current.append(sample)
-    batches.append(current)
-    rng.shuffle(batches)
-    return batches
+def _pad(arrays: list[np.ndarray], length: int, fill: float = 0, dtype: np.dtype | None = None) -> torch.Tensor:
+    first = arrays[0]
+    out = np.full((len(arrays), length, *first.shape[1:]), fill, dtype=dtype or first.dtype)
+    for i, array in enumerate(arrays):
+        out[i, : len(array)] = array
+    return torch.from_numpy(out)
 
 
 def collate(samples: list[TaskSample], task: str, pad_to_multiple_of: int = 1) -> UniterBatch:
-    regions = task in REGION_TASKS or samples[0].img_mask is not None
-    batch = build_batch(
-        [torch.from_numpy(s.input_ids) for s in samples],
-        [torch.from_numpy(s.feat) for s in samples],
-        [torch.from_numpy(s.pos) for s in samples],
-        txt_labels=[torch.from_numpy(s.txt_labels) for s in samples] if samples[0].txt_labels is not None else None,
-        img_masks=[torch.from_numpy(s.img_mask) for s in samples] if regions else None,
-        img_soft_labels=([torch.from_numpy(s.soft) for s in samples]
-                         if task in ("mrc", "mrc-kl") else None),
-        itm_targets=[s.itm_target for s in samples] if task == "itm" else None,
+    """Pad in numpy (one copy per field, straight from the decoded shard buffers) and build the batch."""
+    txt_lens = [len(s.input_ids) for s in samples]
+    img_lens = [len(s.feat) for s in samples]
+    max_txt, max_img = max(txt_lens), max(img_lens)
+    masks = task in REGION_TASKS or samples[0].img_mask is not None
+    batch = batch_from_padded(
+        input_ids=_pad([s.input_ids for s in samples], max_txt, dtype=np.int64),
+        txt_lens=torch.tensor(txt_lens),
+        img_feat=_pad([s.feat for s in samples], max_img),
+        img_pos=_pad([s.pos for s in samples], max_img),
+        img_lens=torch.tensor(img_lens),
+        txt_labels=(_pad([s.txt_labels for s in samples], max_txt, fill=IGNORE_INDEX)
+                    if samples[0].txt_labels is not None else None),
+        img_masks=_pad([s.img_mask for s in samples], max_img, fill=False) if masks else None,
+        img_soft_labels=_pad([s.soft for s in samples], max_img) if task in ("mrc", "mrc-kl") else None,
+        itm_targets=torch.tensor([s.itm_target for s in samples]) if task == "itm" else None,
         pad_to_multiple_of=pad_to_multiple_of,
     )
     batch.meta = {
         "task": task,
         "pairs": [s.pair_id for s in samples],
         "images": [s.image_key for s in samples],
-        "real_tokens": sum(s.num_tokens for s in samples),
+        "real_tokens": sum(txt_lens) + sum(img_lens),
         "padded_tokens": batch.padded_tokens(),
     }
     return batch

@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import random
-import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .format import ARRAY_FIELDS, REQUIRED_MEMBERS, DataError, Manifest, TokenizerInfo, load_npy
+from .tario import TarFormatError, iter_tar
 
 
 @dataclass
@@ -178,21 +178,17 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise") -> Ite
     seen = 0
     key, members = None, {}
     try:
-        with tarfile.open(shard.path, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                member_key, _, suffix = info.name.partition(".")
-                data = tar.extractfile(info).read()
-                if member_key != key:
-                    if key is not None:
-                        record = _checked(key, members, shard, stats, fail)
-                        seen += 1
-                        if record is not None:
-                            yield record
-                    key, members = member_key, {}
-                members[suffix] = data
-    except (tarfile.TarError, EOFError, OSError) as error:
+        for name, data in iter_tar(shard.path):
+            member_key, _, suffix = name.rpartition("/")[2].partition(".")
+            if member_key != key:
+                if key is not None:
+                    record = _checked(key, members, shard, stats, fail)
+                    seen += 1
+                    if record is not None:
+                        yield record
+                key, members = member_key, {}
+            members[suffix] = data
+    except (TarFormatError, OSError) as error:
         stats.corrupt_shards += 1
         fail(DataError(f"{shard.path}: corrupt or truncated tar after {seen} of {shard.images} images "
                        f"({error}); sample {key!r} and any after it are lost"), "corrupt_shard")

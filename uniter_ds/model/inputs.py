@@ -108,9 +108,39 @@ def build_batch(
         if img_feat[i].dim() != 2 or img_pos[i].dim() != 2 or img_feat[i].size(0) != img_pos[i].size(0):
             raise ValueError(f"build_batch: sample {i}: img_feat {tuple(img_feat[i].shape)} and img_pos "
                              f"{tuple(img_pos[i].shape)} must be [n, D] and [n, P] with the same n")
-    txt_lens = torch.tensor([t.size(0) for t in input_ids], dtype=torch.long)
-    img_lens = torch.tensor([f.size(0) for f in img_feat], dtype=torch.long)
-    max_txt, max_img = int(txt_lens.max()), int(img_lens.max())
+    max_txt = max(t.size(0) for t in input_ids)
+    max_img = max(f.size(0) for f in img_feat)
+    return batch_from_padded(
+        input_ids=_pad_stack(input_ids, max_txt),
+        txt_lens=torch.tensor([t.size(0) for t in input_ids], dtype=torch.long),
+        img_feat=_pad_stack(img_feat, max_img),
+        img_pos=_pad_stack(img_pos, max_img),
+        img_lens=torch.tensor([f.size(0) for f in img_feat], dtype=torch.long),
+        txt_labels=_pad_stack(txt_labels, max_txt, fill=IGNORE_INDEX) if txt_labels is not None else None,
+        img_masks=_pad_stack([m.bool() for m in img_masks], max_img, fill=False) if img_masks is not None else None,
+        img_soft_labels=_pad_stack(img_soft_labels, max_img) if img_soft_labels is not None else None,
+        itm_targets=torch.as_tensor(itm_targets, dtype=torch.long) if itm_targets is not None else None,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
+
+
+def batch_from_padded(
+    *,
+    input_ids: Tensor,
+    txt_lens: Tensor,
+    img_feat: Tensor,
+    img_pos: Tensor,
+    img_lens: Tensor,
+    txt_labels: Tensor | None = None,
+    img_masks: Tensor | None = None,
+    img_soft_labels: Tensor | None = None,
+    itm_targets: Tensor | None = None,
+    pad_to_multiple_of: int = 1,
+) -> UniterBatch:
+    """The batch from text and regions already padded separately ([B, Lt], [B, Ni, ...]) + their lengths:
+    adds the compact-layout index and the flat positions of the MLM / MRM targets."""
+    batch, max_txt = input_ids.shape
+    max_img = img_feat.size(1)
     seq_len = int((txt_lens + img_lens).max())
     seq_len = -(-seq_len // pad_to_multiple_of) * pad_to_multiple_of
 
@@ -118,32 +148,20 @@ def build_batch(
     # max_txt + (p - tl) (p < tl + nr); padding reads slot 0 and is masked out.
     pos = torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
     tl, total = txt_lens.unsqueeze(1), (txt_lens + img_lens).unsqueeze(1)
-    gather_index = torch.where(pos < tl, pos, max_txt + pos - tl)
     attn_mask = pos < total
+    gather_index = torch.where(pos < tl, pos, max_txt + pos - tl)
     gather_index = torch.where(attn_mask, gather_index, torch.zeros_like(gather_index))
 
-    out = UniterBatch(
-        input_ids=_pad_stack(input_ids, max_txt),
-        txt_lens=txt_lens,
-        img_feat=_pad_stack(img_feat, max_img),
-        img_pos=_pad_stack(img_pos, max_img),
-        img_lens=img_lens,
-        gather_index=gather_index,
-        attn_mask=attn_mask,
-    )
+    out = UniterBatch(input_ids=input_ids, txt_lens=txt_lens, img_feat=img_feat, img_pos=img_pos, img_lens=img_lens,
+                      gather_index=gather_index, attn_mask=attn_mask, img_soft_labels=img_soft_labels,
+                      itm_targets=itm_targets)
     if txt_labels is not None:
-        labels = _pad_stack(txt_labels, max_txt, fill=IGNORE_INDEX)
-        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+        rows, cols = (txt_labels != IGNORE_INDEX).nonzero(as_tuple=True)
         out.mlm_positions = rows * seq_len + cols  # text slot t sits at compact position t
-        out.mlm_labels = labels[rows, cols]
+        out.mlm_labels = txt_labels[rows, cols]
     if img_masks is not None:
-        masks = _pad_stack([m.bool() for m in img_masks], max_img, fill=False)
-        out.img_masks = masks
-        rows, cols = masks.nonzero(as_tuple=True)
+        out.img_masks = img_masks
+        rows, cols = img_masks.nonzero(as_tuple=True)
         out.mrm_positions = rows * seq_len + txt_lens[rows] + cols
         out.mrm_img_index = rows * max_img + cols
-    if img_soft_labels is not None:
-        out.img_soft_labels = _pad_stack(img_soft_labels, max_img)
-    if itm_targets is not None:
-        out.itm_targets = torch.as_tensor(itm_targets, dtype=torch.long)
     return out

@@ -1,0 +1,70 @@
+"""A minimal streaming tar reader for shards: the members in order, as (name, bytes).
+
+Python's ``tarfile`` spends most of a sample's decoding budget parsing headers; shards are plain
+tar files (USTAR, written by ``DatasetWriter`` or by WebDataset's tools), so this reads the 512-byte
+headers directly: regular files, PAX ``path`` records and GNU long names; checksums are verified, and
+a file that ends inside a member or header is an error rather than a quiet end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+BLOCK = 512
+
+
+class TarFormatError(ValueError):
+    pass
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").strip()
+    if field and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
+    return int(field, 8) if field else 0
+
+
+def iter_tar(path: str | Path, buffer_size: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
+    with open(path, "rb", buffering=buffer_size) as f:
+        long_name: str | None = None
+        offset = 0
+        while True:
+            header = f.read(BLOCK)
+            if len(header) == 0:
+                raise TarFormatError(f"file ends at byte {offset} without the end-of-archive marker")
+            if len(header) < BLOCK:
+                raise TarFormatError(f"file ends inside a header at byte {offset}")
+            if header == b"\0" * BLOCK:
+                return
+            stored = _octal(header[148:156])
+            if stored != sum(header[:148]) + 256 + sum(header[156:]):
+                raise TarFormatError(f"bad header checksum at byte {offset}")
+            size = _octal(header[124:136])
+            kind = header[156:157]
+            padded = (size + BLOCK - 1) // BLOCK * BLOCK
+            data = f.read(size)
+            if len(data) < size:
+                raise TarFormatError(f"file ends inside member data at byte {offset + BLOCK + len(data)}")
+            if padded > size:
+                f.read(padded - size)
+            offset += BLOCK + padded
+            if kind in (b"L",):  # GNU long name for the next member
+                long_name = data.rstrip(b"\0").decode()
+                continue
+            if kind in (b"x",):  # PAX extended header: take its path record for the next member
+                for record in data.decode().split("\n"):
+                    if " path=" in record:
+                        long_name = record.split(" path=", 1)[1]
+                continue
+            if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers: no sample data
+                long_name = None
+                continue
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                name = header[0:100].rstrip(b"\0").decode()
+                prefix = header[345:500].rstrip(b"\0").decode() if header[257:263] == b"ustar\x00" else ""
+                if prefix:
+                    name = f"{prefix}/{name}"
+            yield name, data
