@@ -36,7 +36,7 @@ class UniterBatch:
     mlm_labels: Tensor | None = None  # [M] long: original token ids there
     mrm_positions: Tensor | None = None  # [R] long: flat index into [B * L] of masked regions
     mrm_img_index: Tensor | None = None  # [R] long: flat index into [B * Ni] of the same regions
-    img_soft_labels: Tensor | None = None  # [B, Ni, img_label_dim]: detector class distributions
+    mrm_soft_labels: Tensor | None = None  # [R, img_label_dim]: detector class distributions at those regions
     itm_targets: Tensor | None = None  # [B] long: 1 = matched pair, 0 = swapped image
     meta: dict | None = None  # what the data path knows about the batch (ids, token counts, reader stats)
 
@@ -94,7 +94,7 @@ def build_batch(
 
     input_ids[i]: [tl] token ids including [CLS]/[SEP]; img_feat[i]: [n, D] (n may be 0);
     img_pos[i]: [n, 7]; img_masks[i]: [n] bool; txt_labels[i]: [tl] with IGNORE_INDEX where a
-    token is not an MLM target; img_soft_labels[i]: [n, C].
+    token is not an MLM target; img_soft_labels[i]: [n, C] (only the masked regions' rows are kept).
     """
     batch = len(input_ids)
     if not (len(img_feat) == len(img_pos) == batch):
@@ -118,7 +118,8 @@ def build_batch(
         img_lens=torch.tensor([f.size(0) for f in img_feat], dtype=torch.long),
         txt_labels=_pad_stack(txt_labels, max_txt, fill=IGNORE_INDEX) if txt_labels is not None else None,
         img_masks=_pad_stack([m.bool() for m in img_masks], max_img, fill=False) if img_masks is not None else None,
-        img_soft_labels=_pad_stack(img_soft_labels, max_img) if img_soft_labels is not None else None,
+        mrm_soft_labels=(torch.cat([soft[mask.bool()] for soft, mask in zip(img_soft_labels, img_masks)])
+                         if img_soft_labels is not None and img_masks is not None else None),
         itm_targets=torch.as_tensor(itm_targets, dtype=torch.long) if itm_targets is not None else None,
         pad_to_multiple_of=pad_to_multiple_of,
     )
@@ -133,12 +134,13 @@ def batch_from_padded(
     img_lens: Tensor,
     txt_labels: Tensor | None = None,
     img_masks: Tensor | None = None,
-    img_soft_labels: Tensor | None = None,
+    mrm_soft_labels: Tensor | None = None,
     itm_targets: Tensor | None = None,
     pad_to_multiple_of: int = 1,
 ) -> UniterBatch:
     """The batch from text and regions already padded separately ([B, Lt], [B, Ni, ...]) + their lengths:
-    adds the compact-layout index and the flat positions of the MLM / MRM targets."""
+    adds the compact-layout index and the flat positions of the MLM / MRM targets.
+    ``mrm_soft_labels``: the soft labels of the masked regions only, in row-major (sample, region) order."""
     batch, max_txt = input_ids.shape
     max_img = img_feat.size(1)
     seq_len = int((txt_lens + img_lens).max())
@@ -153,7 +155,7 @@ def batch_from_padded(
     gather_index = torch.where(attn_mask, gather_index, torch.zeros_like(gather_index))
 
     out = UniterBatch(input_ids=input_ids, txt_lens=txt_lens, img_feat=img_feat, img_pos=img_pos, img_lens=img_lens,
-                      gather_index=gather_index, attn_mask=attn_mask, img_soft_labels=img_soft_labels,
+                      gather_index=gather_index, attn_mask=attn_mask, mrm_soft_labels=mrm_soft_labels,
                       itm_targets=itm_targets)
     if txt_labels is not None:
         rows, cols = (txt_labels != IGNORE_INDEX).nonzero(as_tuple=True)

@@ -362,8 +362,8 @@ class UniterForPretraining(UniterPreTrainedModel):
             prediction = self.mrfr_head(hidden).float()
             losses = F.mse_loss(prediction, target, reduction="none").mean(-1)
             return TaskOutput(task, losses.mean(), losses, sample)
-        _require(batch, task, "img_soft_labels")
-        soft = batch.img_soft_labels.flatten(0, 1).index_select(0, batch.mrm_img_index).float()
+        _require(batch, task, "mrm_soft_labels")
+        soft = batch.mrm_soft_labels.float()
         logits = self.mrc_head(hidden).float()
         # The detector's top non-background class (class 0 is background and never a target).
         hard = soft[:, 1:].argmax(-1) + 1
