@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,24 @@ def test_parameter_counts_match_the_paper(preset, paper_millions, capsys):
         print(f"\n{preset}: transformer+pooler {encoder / 1e6:.2f}M (paper {paper_millions}M), "
               f"embeddings {embeddings / 1e6:.2f}M, with pretraining heads {total / 1e6:.2f}M")
     assert abs(encoder / 1e6 - paper_millions) / paper_millions < 0.01
+
+
+def test_save_pretrained_round_trip_and_encoder_from_pretraining_folder(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    model = UniterForPretraining(tiny_config).eval()
+    model.save_pretrained(tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architectures"] == ["UniterForPretraining"] and config["hidden_size"] == tiny_config.hidden_size
+    restored = UniterForPretraining.from_pretrained(tmp_path / "export").eval()
+    assert restored.mlm_head.decoder.weight is restored.uniter.embeddings.word_embeddings.weight
+    g = torch.Generator().manual_seed(0)
+    batch = collate([random_sample(tiny_config, 7, 5, g), random_sample(tiny_config, 4, 9, g)], [1, 0])
+    before, after = _outputs(model, batch), _outputs(restored, batch)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    encoder = UniterModel.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert torch.equal(encoder(batch).pooled_output, before["pooled"])
+    with pytest.raises(ValueError, match="weights do not match UniterForPretraining: missing"):
+        encoder.save_pretrained(tmp_path / "encoder")
+        UniterForPretraining.from_pretrained(tmp_path / "encoder")

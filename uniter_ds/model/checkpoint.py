@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import UniterConfig
+from .modeling import _tied_names
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +151,6 @@ def from_original_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor
     return out, origin, leftover
 
 
-def _tied_groups(model: nn.Module) -> list[set[str]]:
-    groups: dict[int, set[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), set()).add(name)
-    return [names for names in groups.values() if len(names) > 1]
-
-
 def load_original_state_dict(model: nn.Module, state: dict[str, Tensor], strict: bool = True) -> LoadReport:
     """Load original-layout weights into ``model`` (a UniterModel or UniterForPretraining).
 
@@ -177,7 +171,7 @@ def load_original_state_dict(model: nn.Module, state: dict[str, Tensor], strict:
                              f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
     provided = set(converted) & set(own)
     missing = set(own) - provided
-    for group in _tied_groups(model):
+    for group in _tied_names(model):
         if group & provided:
             missing -= group
     unexpected = [name for key in set(converted) - set(own) for name in origin[key]] + leftover
@@ -186,7 +180,7 @@ def load_original_state_dict(model: nn.Module, state: dict[str, Tensor], strict:
         raise ValueError(f"checkpoint does not match the model:\n{report}")
     loadable = {k: v for k, v in converted.items() if k in own}
     # Tied names: load each shared tensor once, from whichever name the checkpoint provided.
-    for group in _tied_groups(model):
+    for group in _tied_names(model):
         for extra in sorted(group & set(loadable))[1:]:
             del loadable[extra]
     model.load_state_dict(loadable, strict=False)

@@ -98,7 +98,7 @@ class UniterConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=128, img_dim=32, img_label_dim=17,
+        max_position_embeddings=128, img_dim=64, img_label_dim=41,
     ),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),

@@ -7,8 +7,11 @@ Batches come from :func:`uniter_ds.model.inputs.build_batch`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +40,13 @@ class TextEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor) -> Tensor:
+        # Every table is read by calling its module (not by indexing .weight): ZeRO-3 gathers a
+        # module's parameters in that module's forward hook only.
         positions = torch.arange(input_ids.size(1), device=input_ids.device)
         x = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)
-            + self.token_type_embeddings.weight[0]
+            + self.token_type_embeddings(torch.zeros_like(input_ids))
         )
         return self.dropout(self.LayerNorm(x))
 
@@ -67,7 +72,9 @@ class ImageEmbeddings(nn.Module):
                 img_masks: Tensor | None = None) -> Tensor:
         if img_masks is not None:
             masked = img_masks.unsqueeze(-1)
-            img_feat = img_feat.masked_fill(masked, 0.0) + masked.to(img_feat.dtype) * self.mask_embedding.weight[1]
+            # Row 1 on masked regions; the product keeps row 0 out of the sum and out of the gradient.
+            mask_rows = self.mask_embedding(img_masks.long()) * masked
+            img_feat = img_feat.masked_fill(masked, 0.0) + mask_rows.to(img_feat.dtype)
         x = (
             self.img_layer_norm(self.img_linear(img_feat))
             + self.pos_layer_norm(self.pos_linear(img_pos))
@@ -159,7 +166,48 @@ class UniterOutput:
 
 
 class UniterPreTrainedModel(nn.Module):
+    """Shared by the encoder and the pretraining model: initialisation and the Hugging Face-style
+    folder (``config.json`` + ``model.safetensors``)."""
+
     config: UniterConfig
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict() | {"architectures": [type(self).__name__], "model_type": "uniter"}
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # Tied tensors are stored once, under their first name; loading re-ties them.
+        state, seen = {}, set()
+        for name, tensor in self.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                state[name] = tensor.detach().contiguous()
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, strict: bool = True, **kwargs: Any) -> UniterPreTrainedModel:
+        """Load a folder written by ``save_pretrained`` (by this class or the other: an encoder loads
+        from a pretraining export, dropping the heads). ``kwargs`` go to the constructor."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        model = cls(UniterConfig.from_json_file(folder / "config.json"), **kwargs)
+        state = load_file(str(folder / "model.safetensors"))
+        own = model.state_dict()
+        if not any(k.startswith("uniter.") for k in own):  # an encoder: take the encoder part
+            state = {k[len("uniter."):]: v for k, v in state.items() if k.startswith("uniter.")} or state
+        missing = set(own) - set(state)
+        for group in _tied_names(model):
+            if group & set(state):
+                missing -= group
+        unexpected = set(state) - set(own)
+        if strict and (missing or unexpected):
+            raise ValueError(f"{folder}: weights do not match {cls.__name__}: missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)}")
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        return model
 
     def init_weights(self) -> None:
         std = self.config.initializer_range
@@ -191,9 +239,10 @@ class UniterModel(UniterPreTrainedModel):
 
     def forward(self, batch: UniterBatch) -> UniterOutput:
         text = self.embeddings(batch.input_ids)
+        image_type = torch.ones(1, 1, dtype=torch.long, device=text.device)
         regions = self.img_embeddings(
             batch.img_feat.to(text.dtype), batch.img_pos.to(text.dtype),
-            self.embeddings.token_type_embeddings.weight[1], batch.img_masks,
+            self.embeddings.token_type_embeddings(image_type), batch.img_masks,
         )
         both = torch.cat([text, regions], dim=1)
         index = batch.gather_index.unsqueeze(-1).expand(-1, -1, both.size(-1))
@@ -388,6 +437,13 @@ class UniterForPretraining(UniterPreTrainedModel):
         correct = (logits.argmax(-1) == batch.itm_targets).sum()
         sample = torch.arange(batch.batch_size, device=logits.device)
         return TaskOutput("itm", losses.mean(), losses, sample, correct, logits, parts)
+
+
+def _tied_names(model: nn.Module) -> list[set[str]]:
+    groups: dict[int, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), set()).add(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def _require(batch: UniterBatch, task: str, *fields: str) -> None:
