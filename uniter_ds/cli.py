@@ -96,6 +96,12 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from .train.launch import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("folder")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=_data_inspect)
+
+    from .train.launch import add_arguments as pretrain_arguments
+
+    pretrain = commands.add_parser("pretrain", help="validate the experiment config, then start the deepspeed "
+                                                    "launcher on the pretraining entry point")
+    pretrain_arguments(pretrain)
+    pretrain.set_defaults(run=_pretrain)
     return parser
 
 

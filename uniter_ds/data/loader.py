@@ -132,9 +132,12 @@ class LoaderStats:
 def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig, *, rank: int = 0,
                  world_size: int = 1, epoch: int = 0) -> DataLoader:
     dataset = TaskStream(sources, task, config, rank=rank, world_size=world_size, epoch=epoch)
+    # Its own generator: starting the workers must not draw from the global torch RNG, or when a
+    # loader is opened would change the training run's dropout masks (and break exact resume).
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank * 31 + TASKS.index(task))
     return DataLoader(
         dataset, batch_size=None, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None,
+        persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None, generator=generator,
     )
 
 

@@ -420,7 +420,8 @@ class UniterForPretraining(UniterPreTrainedModel):
             losses = F.cross_entropy(logits, hard, reduction="none")
         else:  # KL(detector distribution || predicted distribution)
             losses = F.kl_div(F.log_softmax(logits, -1), soft, reduction="none").sum(-1)
-        correct = (logits.argmax(-1) == hard).sum()
+        # Accuracy over the object classes, as the target: background is never the answer.
+        correct = (logits[:, 1:].argmax(-1) + 1 == hard).sum()
         return TaskOutput(task, losses.mean(), losses, sample, correct)
 
     def itm_loss(self, out: UniterOutput, batch: UniterBatch) -> TaskOutput:

@@ -1,0 +1,66 @@
+"""Run under the deepspeed launcher by tests/test_train.py: train on fixed micro-batches and dump the
+per-step losses and final weights. Every step has GLOBAL_MICRO micro-batches; rank r of W takes
+micro-batches r*A .. r*A+A-1 with A = GLOBAL_MICRO / W accumulation steps, so any layout of ranks x
+accumulation sees the same global batches. ``--only-rank0-data`` trains one rank on rank 0's share
+alone: what rank 0 would compute if the gradient all-reduce were missing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from tests.helpers import collate, random_sample
+from uniter_ds.train.config import load_config
+from uniter_ds.train.pretrain import build_model, deepspeed_config, param_groups, reduce_window, train_step
+from uniter_ds.train.scheduler import Stream
+
+GLOBAL_MICRO = 2
+TASKS = ["mlm", "itm", "mrfr", "mrc-kl", "mlm", "itm"]
+
+
+def batches_for(step: int, config) -> list:
+    g = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for _ in range(GLOBAL_MICRO):
+        size = int(torch.randint(2, 5, (1,), generator=g))
+        samples = [random_sample(config, int(torch.randint(4, 12, (1,), generator=g)),
+                                 int(torch.randint(3, 10, (1,), generator=g)), g) for _ in range(size)]
+        out.append(collate(samples, itm_targets=[int(t) for t in torch.randint(0, 2, (size,), generator=g)]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--only-rank0-data", action="store_true")
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = 1 if args.only_rank0_data else GLOBAL_MICRO // world
+    config.optim.grad_accum = share
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, config.optim.weight_decay),
+                                      config=deepspeed_config(config, world, on_gpu=False))
+    names = [f"eq/{t}" for t in sorted(set(TASKS))]
+    window = {k: torch.zeros(len(names), dtype=torch.float64) for k in ("loss", "items", "correct")}
+    losses = []
+    for step, task in enumerate(TASKS):
+        mine = batches_for(step, model.config)[rank * share:(rank + 1) * share]
+        train_step(engine, mine, [Stream("eq", task)] * share, torch.device("cpu"), torch.device("cpu"), window,
+                   names)
+        losses.append(reduce_window(window, names, torch.device("cpu"))[f"train/eq/{task}/loss"])
+    if rank == 0:
+        weights = {k: v.float().tolist() for k, v in engine.module.state_dict().items()}
+        json.dump({"losses": losses, "weights": weights, "world": world}, open(args.out, "w"))
+
+
+if __name__ == "__main__":
+    main()

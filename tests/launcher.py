@@ -1,0 +1,39 @@
+"""Start the real ``deepspeed`` launcher with CPU ranks from the tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["DS_ACCELERATOR"] = "cpu"
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def deepspeed_bin() -> str:
+    return str(Path(sys.executable).with_name("deepspeed"))
+
+
+def run_launcher(args: list[str], timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    result = subprocess.run([deepspeed_bin(), *args], cwd=cwd, env=cpu_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"deepspeed {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result

@@ -1,0 +1,279 @@
+"""DeepSpeed pretraining: multi-rank equivalence, resume, scheduler, two simulated nodes, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from uniter_ds.data import synth_dataset
+from uniter_ds.train.checkpointing import find_resume_point
+from uniter_ds.train.config import ConfigError, load_config
+from uniter_ds.train.scheduler import Stream, TaskScheduler
+
+from .launcher import ROOT, cpu_env, free_port, run_launcher
+
+EQUIVALENCE = str(ROOT / "tests" / "dist" / "equivalence.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and scheduler (fast)
+# ---------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {"data": {"train": [{"name": "d", "paths": ["x"], "tasks": {"mlm": 1}}]}}
+
+
+def test_config_errors_name_the_key(tmp_path):
+    path = _write(tmp_path / "c.yaml", BASE)
+    assert load_config(path, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    assert load_config(path, ["data.train.0.tasks.itm=3"]).data.train[0].tasks == {"mlm": 1.0, "itm": 3.0}
+    for override, message in [
+        ("optim.lrr=3", "config key 'optim.lrr' is unknown"),
+        ("optim.lr=abc", "config key 'optim.lr': expected float"),
+        ("data.token_budget=-5", "config key 'data.token_budget': must be > 0"),
+        ("data.masking=random", "config key 'data.masking': 'random' is not one of"),
+        ("data.train.0.tasks.vqa=1", "config key 'data.train.0.tasks.vqa': unknown task"),
+        ("model.init_from=gpt:/x", "config key 'model.init_from'"),
+        ("optim.betas=[0.9]", "config key 'optim.betas'"),
+        ("data.train.3.name=x", "--set data.train.3.name: data.train.3 is not an index"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+            load_config(path, [override])
+    with pytest.raises(ConfigError, match="config key 'data.train': at least one"):
+        load_config(_write(tmp_path / "empty.yaml", {}))
+
+
+def test_recipes_load():
+    for recipe in sorted((ROOT / "launch").glob("*.yaml")):
+        config = load_config(recipe)
+        assert config.data.train, recipe
+    base = load_config(ROOT / "launch" / "uniter-base.yaml")
+    assert base.optim.lr == 5e-5 and base.optim.warmup_steps == 10000 and base.optim.grad_clip == 5.0
+    assert base.optim.betas == [0.9, 0.98] and base.data.train[0].tasks == {"itm": 3, "mlm": 4, "mrfr": 2, "mrc-kl": 2}
+
+
+def test_scheduler_frequencies_follow_the_mix_and_agree_everywhere():
+    mix = {Stream("coco", "itm"): 3, Stream("coco", "mlm"): 4, Stream("coco", "mrfr"): 2, Stream("coco", "mrc-kl"): 2}
+    scheduler = TaskScheduler(mix, seed=7)
+    draws = [scheduler.draw(step) for step in range(20000)]
+    counts = Counter(draws)
+    for stream, weight in mix.items():
+        assert abs(counts[stream] / len(draws) - weight / 11) < 0.01, stream
+    # Another "rank" (a fresh object) draws the same sequence; another seed does not.
+    assert [TaskScheduler(mix, seed=7).draw(step) for step in range(500)] == draws[:500]
+    assert [TaskScheduler(mix, seed=8).draw(step) for step in range(500)] != draws[:500]
+    per_micro = TaskScheduler(mix, seed=7, per_micro_batch=True)
+    assert len(set(per_micro.for_step(3, 16))) > 1 and len(set(scheduler.for_step(3, 16))) == 1
+    with pytest.raises(ValueError, match="differs from the checkpoint"):
+        scheduler.check_state(TaskScheduler(mix, seed=8).state_dict())
+
+
+def test_resume_point_skips_incomplete_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in [(10, True), (20, True), (30, False)]:
+        (root / f"step{step:08d}").mkdir(parents=True)
+        if complete:
+            (root / f"step{step:08d}" / "complete.json").write_text("{}")
+    (root / "latest").write_text("step00000030")  # the worst case: latest names the broken one
+    assert find_resume_point(root).name == "step00000020"
+    assert find_resume_point(root / "step00000010").name == "step00000010"
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        find_resume_point(root / "step00000030")
+    assert find_resume_point(tmp_path / "none") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-rank equivalence (fixed batches, real launcher)
+# ---------------------------------------------------------------------------------------------
+
+
+def _equivalence_config(tmp_path: Path, stage: int) -> Path:
+    ds = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
+    ds["zero_optimization"]["stage"] = stage
+    (tmp_path / f"ds{stage}.json").write_text(json.dumps(ds))
+    return _write(tmp_path / f"eq{stage}.yaml", {
+        "deepspeed_config": str(tmp_path / f"ds{stage}.json"), "seed": 3,
+        "model": {"preset": "tiny", "overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
+        "data": {"train": [{"name": "eq", "paths": ["unused"], "tasks": {"mlm": 1}}]},
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "total_steps": 50, "grad_clip": 1.0},
+    })
+
+
+def _max_weight_diff(a: dict, b: dict) -> float:
+    return max(float(np.abs(np.array(a[k]) - np.array(b[k])).max()) for k in a)
+
+
+@pytest.mark.parametrize("stage", [2, 1])
+def test_two_ranks_match_one_rank_on_the_same_global_batches(tmp_path, stage):
+    config = _equivalence_config(tmp_path, stage)
+    outputs = {}
+    for ranks, extra in [(1, []), (2, []), ("1-alone", ["--only-rank0-data"])]:
+        out = tmp_path / f"{ranks}.json"
+        run_launcher(["--num_gpus", str(2 if ranks == 2 else 1), "--master_port", str(free_port()), EQUIVALENCE,
+                      "--config", str(config), "--out", str(out), *extra])
+        outputs[ranks] = json.loads(out.read_text())
+    one, two, alone = outputs[1], outputs[2], outputs["1-alone"]
+    assert two["world"] == 2
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    assert _max_weight_diff(one["weights"], two["weights"]) < 1e-5
+    # The comparison has power: without the gradient all-reduce a rank trains on its own half only,
+    # and its weights land far outside the tolerance.
+    assert _max_weight_diff(one["weights"], alone["weights"]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The pretraining entry point on real shards
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    common = dict(img_dim=64, img_label_dim=41, min_regions=5, max_regions=20, max_shard_bytes=60_000)
+    synth_dataset(root / "train", images=240, seed=0, **common)
+    synth_dataset(root / "val", images=40, seed=1, **common)
+    return root
+
+
+def _run_config(tmp_path: Path, shards: Path, name: str, **overrides) -> Path:
+    config = {
+        "run_dir": str(tmp_path / name), "seed": 5, "deepspeed_config": str(ROOT / "ds_configs" / "cpu.json"),
+        "model": {"preset": "tiny"},
+        "data": {"train": [{"name": "synth", "paths": [str(shards / "train")],
+                            "tasks": {"itm": 3, "mlm": 4, "mrfr": 2, "mrc-kl": 2}}],
+                 "val": [], "token_budget": 600, "num_workers": 1, "split": "resampled", "shuffle_buffer": 50},
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "total_steps": 8},
+        "eval": {"every": 0, "at_end": False},
+        "checkpoint": {"every": 4, "keep_last": 2},
+        "tracking": {"mlflow": False, "log_every": 1},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if field:
+            config[section][field] = value
+        else:
+            config[key] = value
+    return _write(tmp_path / f"{name}.yaml", config)
+
+
+def _pretrain(config: Path, ranks: int = 2, extra: list[str] = ()) -> None:
+    run_launcher(["--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "uniter_ds.train.pretrain",
+                  "--config", str(config), *extra])
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows if "loss" in row}
+
+
+def _weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v.numpy() for k, v in load_file(str(run_dir / "export" / "hf" / "model.safetensors")).items()}
+
+
+def _compare_runs(a: Path, b: Path, steps: range) -> None:
+    ma, mb = _metrics(a), _metrics(b)
+    for step in steps:
+        for key in [k for k in ma[step] if k.startswith("train/")]:
+            np.testing.assert_allclose(mb[step][key], ma[step][key], rtol=1e-5, err_msg=f"step {step} {key}")
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        np.testing.assert_allclose(wb[key], wa[key], atol=1e-5, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, shards):
+    tmp_path = tmp_path_factory.mktemp("straight")
+    config = _run_config(tmp_path, shards, "straight")
+    _pretrain(config)
+    return tmp_path / "straight"
+
+
+def test_scheduler_is_identical_across_ranks_and_data_is_split(straight_run):
+    logs = [[json.loads(line) for line in (straight_run / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)]
+    assert [row["streams"] for row in logs[0]] == [row["streams"] for row in logs[1]]
+    assert len(logs[0]) == 8 and len({row["streams"][0] for row in logs[0]}) > 1
+    ids = [{tuple(p) for row in log for batch in row["pairs"] for p in batch} for log in logs]
+    assert ids[0] and ids[1] and ids[0] != ids[1]
+
+
+def test_resume_continues_exactly_and_ignores_an_interrupted_checkpoint(tmp_path, shards, straight_run):
+    config = _run_config(tmp_path, shards, "resumed")
+    _pretrain(config, extra=["--set", "stop_at_step=4"])
+    root = tmp_path / "resumed" / "checkpoints"
+    assert (root / "latest").read_text() == "step00000004"
+    # A save killed half-way at step 6: the tag folder exists, has no completion marker, and in the
+    # worst case even `latest` names it. Resume must take step 4.
+    (root / "step00000006" / "global_step6").mkdir(parents=True)
+    (root / "latest").write_text("step00000006")
+    _pretrain(config, extra=["--resume"])
+    _compare_runs(straight_run, tmp_path / "resumed", range(1, 9))
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
+
+
+def test_two_simulated_nodes_agree_with_one_node(tmp_path, shards, straight_run):
+    config = _run_config(tmp_path, shards, "nodes")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-0 slots=1\nnode-1 slots=1\n")
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "uniter_ds.cli", "pretrain", "--config", str(config),
+                               "--hostfile", str(hostfile), "--num-gpus", "1", "--no-ssh", "--node-rank", str(r),
+                               "--master-addr", "127.0.0.1", "--master-port", port],
+                              cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "nnodes=2" in outputs[0] and "node_rank=1" in outputs[1]
+    _compare_runs(straight_run, tmp_path / "nodes", range(1, 9))
+
+
+def test_cli_refuses_a_bad_key_before_spawning(tmp_path, shards):
+    config = _run_config(tmp_path, shards, "bad")
+    result = subprocess.run([sys.executable, "-m", "uniter_ds.cli", "pretrain", "--config", str(config),
+                             "--set", "optim.warmup=10"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "config key 'optim.warmup' is unknown" in result.stderr
+    assert "deepspeed" not in result.stdout and not (tmp_path / "bad").exists()
+
+
+def test_main_job_records_params_metrics_eval_and_export_in_mlflow(tmp_path, shards):
+    import mlflow
+
+    config = _run_config(tmp_path, shards, "tracked", tracking={"mlflow": True, "log_every": 2,
+                                                                "experiment": "test-exp"},
+                         eval={"every": 4, "batches": 2, "retrieval_images": 8, "at_end": True})
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["val"] = [str(shards / "val")]
+    config.write_text(yaml.safe_dump(raw))
+    result = subprocess.run([sys.executable, "-m", "uniter_ds.cli", "pretrain", "--config", str(config),
+                             "--master-port", str(free_port())], cwd=ROOT, env=cpu_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_dir = tmp_path / "tracked"
+    summary = json.loads((run_dir / "result.json").read_text())
+    assert f"exported weights: {run_dir / 'export'}" in result.stdout or "exported weights" in result.stdout
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["world_size"] == "2"
+    assert run.data.params["data.train.0.tasks.itm"] == "3.0"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [2, 4, 6, 8]
+    assert "val/itm/acc" in run.data.metrics and "val/retrieval/text_to_image_r5" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
+    assert {"export/hf", "export/uniter-pretrained.pt"} <= artifacts
+    assert (run_dir / "export" / "hf" / "model.safetensors").exists()

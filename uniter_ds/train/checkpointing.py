@@ -1,0 +1,119 @@
+"""DeepSpeed checkpoints that are safe to resume from.
+
+``engine.save_checkpoint`` writes ``ROOT/TAG/``; this module adds, after every rank has finished
+writing, a ``complete.json`` marker in the tag folder and then replaces ``ROOT/latest`` atomically
+(write + rename). A run killed while saving leaves a tag without the marker, which resume ignores,
+and ``latest`` still names the previous complete checkpoint. Older checkpoints beyond ``keep_last``
+are removed after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "complete.json"
+_TAG = re.compile(r"^step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / MARKER).exists()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _TAG.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
+
+
+def find_resume_point(path: Path) -> Path | None:
+    """``path`` is a checkpoint root (use its complete ``latest``, else its newest complete tag) or a
+    tag folder (which must be complete). None: nothing to resume from."""
+    if (path / MARKER).exists():
+        return path
+    if _TAG.match(path.name) and path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint is incomplete (no {MARKER}); it was interrupted while saving")
+    latest = path / "latest"
+    if latest.exists():
+        candidate = path / latest.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    complete = complete_checkpoints(path)
+    return complete[-1] if complete else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tag = tag_for(step)
+    folder = root / tag
+    if rank == 0 and folder.exists():  # a leftover of an interrupted save at this step
+        shutil.rmtree(folder)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        _write_atomic(folder / MARKER, json.dumps({"step": step, "world_size": dist.get_world_size()
+                                                   if dist.is_initialized() else 1}))
+        _write_atomic(root / "latest", tag)
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.iterdir():  # incomplete tags older than the new checkpoint
+            match = _TAG.match(stale.name)
+            if match and stale.is_dir() and int(match.group(1)) < step and not is_complete(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    return folder
+
+
+def load(engine, folder: Path) -> dict[str, Any]:
+    """Load model, optimizer, LR schedule and this rank's RNG; return the client state."""
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    if client_state is None:
+        raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint to load")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = folder / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state

@@ -1,0 +1,99 @@
+"""Held-out evaluation: per-task loss and accuracy, and zero-shot image-text retrieval by ITM score.
+
+Every rank runs the same evaluation on the same batches (ZeRO-3 needs every rank in each forward);
+the held-out stream is read in shard order with a fixed seed, so its masks are the same at every
+evaluation and numbers are comparable across a run.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..data import LoaderConfig, ReaderStats, TaskStream, read_shard, resolve_sources
+from ..data.reader import pairs_of
+from ..model.inputs import UniterBatch, build_batch
+from ..model.modeling import TaskOutput
+
+EVAL_SEED = 1234
+ACCURACY_TASKS = ("mlm", "mrc", "mrc-kl", "itm")
+
+Forward = Callable[[UniterBatch, str], TaskOutput]
+
+
+@torch.no_grad()
+def evaluate_tasks(forward: Forward, val_paths: Sequence[str | Path], tasks: Sequence[str], *, batches: int,
+                   token_budget: int, max_text_len: int | None, device: torch.device) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for task in tasks:
+        config = LoaderConfig(token_budget=token_budget, split="exact", seed=EVAL_SEED, shuffle_buffer=0,
+                              num_workers=0, max_text_len=max_text_len)
+        loss_sum, items, correct = 0.0, 0, 0
+        for batch in itertools.islice(TaskStream(val_paths, task, config), batches):
+            out = forward(batch.to(device), task)
+            loss_sum += float(out.item_losses.sum())
+            items += out.num_items
+            correct += int(out.num_correct) if out.num_correct is not None else 0
+        if items:
+            metrics[f"val/{task}/loss"] = loss_sum / items
+            if task in ACCURACY_TASKS:
+                metrics[f"val/{task}/acc"] = correct / items
+    return metrics
+
+
+def retrieval_pairs(val_paths: Sequence[str | Path], count: int, max_text_len: int | None):
+    """The first ``count`` images of the held-out set, each with its first caption."""
+    shards = resolve_sources(val_paths)
+    tokenizer = shards[0].manifest.tokenizer
+    stats = ReaderStats()
+    images = itertools.chain.from_iterable(read_shard(s, stats) for s in shards)
+    chosen = []
+    for image in images:
+        pair = next(pairs_of(image, tokenizer, max_text_len, stats), None)
+        if pair is not None:
+            chosen.append(pair)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+@torch.no_grad()
+def itm_scores(forward: Forward, pairs, device: torch.device) -> torch.Tensor:
+    """scores[i, j] = P(match) of caption i with image j, every caption against every image."""
+    feats = [torch.from_numpy(p.image.feat.copy()) for p in pairs]
+    positions = [torch.from_numpy(p.image.pos.copy()) for p in pairs]
+    rows = []
+    for pair in pairs:
+        ids = [torch.from_numpy(pair.input_ids)] * len(pairs)
+        batch = build_batch(ids, feats, positions, itm_targets=[0] * len(pairs)).to(device)
+        logits = forward(batch, "itm").logits
+        rows.append(torch.softmax(logits.float(), -1)[:, 1].cpu())
+    return torch.stack(rows)
+
+
+def recall_at_k(scores: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Caption i matches image i. Text -> image ranks each row; image -> text each column."""
+    n = scores.size(0)
+    target = torch.arange(n)
+    text_rank = (scores > scores[target, target].unsqueeze(1)).sum(1)  # images scored above the true one
+    image_rank = (scores > scores[target, target].unsqueeze(0)).sum(0)
+    out = {}
+    for k in ks:
+        out[f"val/retrieval/text_to_image_r{k}"] = float((text_rank < k).float().mean())
+        out[f"val/retrieval/image_to_text_r{k}"] = float((image_rank < k).float().mean())
+    return out
+
+
+def evaluate(forward: Forward, val_paths: Sequence[str | Path], tasks: Sequence[str], *, batches: int,
+             retrieval_images: int, token_budget: int, max_text_len: int | None,
+             device: torch.device) -> dict[str, float]:
+    metrics = evaluate_tasks(forward, val_paths, tasks, batches=batches, token_budget=token_budget,
+                             max_text_len=max_text_len, device=device)
+    if retrieval_images > 1:
+        pairs = retrieval_pairs(val_paths, retrieval_images, max_text_len)
+        if len(pairs) > 1:
+            metrics |= recall_at_k(itm_scores(forward, pairs, device))
+    return metrics

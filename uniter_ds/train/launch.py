@@ -1,0 +1,87 @@
+"""``uniter-ds pretrain``: check the experiment config here, then start the ``deepspeed`` launcher.
+
+A bad key or value fails in this process, before any rank is spawned. Everything after the options
+below is the launcher's business: one node (``--num-gpus``), several (``--hostfile``, ``--num-nodes``),
+or one node of a multi-node job without ssh (``--no-ssh --node-rank R --master-addr A``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="experiment config (YAML or JSON)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue from the run's latest complete checkpoint, or from PATH")
+    parser.add_argument("--num-gpus", type=int, help="ranks per node (default: the GPUs present, or 2 CPU ranks)")
+    parser.add_argument("--num-nodes", type=int)
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile: lines 'worker-0 slots=8'")
+    parser.add_argument("--master-addr")
+    parser.add_argument("--master-port", type=int)
+    parser.add_argument("--no-ssh", action="store_true", help="start only this node's ranks (no pdsh/ssh)")
+    parser.add_argument("--node-rank", type=int, help="with --no-ssh: this node's rank")
+    parser.add_argument("--dry-run", action="store_true", help="print the launcher command, start nothing")
+
+
+def launcher_command(args: argparse.Namespace, on_gpu: bool) -> list[str]:
+    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    command = [deepspeed]
+    if args.hostfile:
+        command += ["--hostfile", args.hostfile]
+    if args.num_nodes is not None:
+        command += ["--num_nodes", str(args.num_nodes)]
+    num_gpus = args.num_gpus
+    if num_gpus is None and not on_gpu:
+        num_gpus = 2
+    if num_gpus is not None:
+        command += ["--num_gpus", str(num_gpus)]
+    if args.master_addr:
+        command += ["--master_addr", args.master_addr]
+    if args.master_port:
+        command += ["--master_port", str(args.master_port)]
+    if args.no_ssh:
+        if args.node_rank is None:
+            raise ValueError("--no-ssh needs --node-rank")
+        command += ["--no_ssh", "--node_rank", str(args.node_rank)]
+    command += ["--module", "uniter_ds.train.pretrain", "--config", str(args.config)]
+    for assignment in args.set:
+        command += ["--set", assignment]
+    if args.resume is not None:
+        command += ["--resume", args.resume]
+    return command
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)  # raises ConfigError naming the key
+    ds_path = Path(config.deepspeed_config)
+    if not ds_path.exists():
+        raise ValueError(f"config key 'deepspeed_config': {ds_path} does not exist")
+    try:
+        json.loads(ds_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config key 'deepspeed_config': {ds_path} is not valid JSON ({error})") from None
+    for i, dataset in enumerate(config.data.train):
+        for path in dataset.paths:
+            if not (Path(path).exists() or any(Path().glob(path))):
+                raise ValueError(f"config key 'data.train.{i}.paths': {path} does not exist")
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    env = dict(os.environ)
+    if not on_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    command = launcher_command(args, on_gpu)
+    print(" ".join(command), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(command, env=env)

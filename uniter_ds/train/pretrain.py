@@ -1,0 +1,477 @@
+"""UNITER pretraining with DeepSpeed: the entry point the ``deepspeed`` launcher starts on every rank.
+
+    deepspeed --num_gpus 8 --module uniter_ds.train.pretrain --config launch/uniter-base.yaml
+    uniter-ds pretrain --config launch/uniter-base.yaml --num-gpus 8      # validates, then the same
+
+One (dataset, task) stream per optimizer step (or per micro-batch), drawn identically on every rank;
+each stream has its own loader. The loss of a step is, per task, the mean over every item (masked
+token, masked region or pair) of every micro-batch on every rank; see ``train_step``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+from deepspeed.accelerator import get_accelerator
+
+from ..data import LoaderConfig, TaskStream, build_loader
+from ..model import (
+    UniterConfig,
+    UniterForPretraining,
+    load_bert_weights,
+    load_original_state_dict,
+    to_original_state_dict,
+)
+from ..model.inputs import UniterBatch
+from ..model.kernels import active_kernels
+from . import checkpointing
+from .config import ExperimentConfig, load_config
+from .evaluate import evaluate
+from .scheduler import Stream, TaskScheduler
+from .tracking import Tracker
+
+logger = logging.getLogger("uniter_ds.pretrain")
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(config: ExperimentConfig) -> UniterForPretraining:
+    section = config.model
+    if section.config_file:
+        model_config = UniterConfig.from_json_file(section.config_file)
+        if section.overrides:
+            model_config = UniterConfig.from_dict(model_config.to_dict() | section.overrides)
+    else:
+        model_config = UniterConfig.from_preset(section.preset, **section.overrides)
+    model = UniterForPretraining(model_config, wra_weight=section.wra_weight)
+    model.uniter.encoder.activation_checkpointing = section.activation_checkpointing
+    if section.init_from:
+        kind, path = section.init_from.split(":", 1)
+        if kind == "bert":
+            report = load_bert_weights(model, path)
+        elif kind == "uniter":
+            report = load_original_state_dict(model, torch.load(path, map_location="cpu", weights_only=True),
+                                              strict=False)
+        else:
+            loaded = UniterForPretraining.from_pretrained(path, strict=False, wra_weight=section.wra_weight)
+            model.load_state_dict(loaded.state_dict())
+            report = None
+        if report is not None and is_rank0():
+            logger.info("initialised from %s\n%s", section.init_from, report)
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices and embeddings; none on biases and LayerNorm parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.split(".")[-2] else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(config: ExperimentConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed file (ZeRO stage, precision, ...) plus what the experiment config owns."""
+    path = Path(config.deepspeed_config)
+    if not path.exists():
+        raise FileNotFoundError(f"deepspeed_config: {path} does not exist")
+    ds = json.loads(path.read_text())
+    optim = config.optim
+    managed = {
+        # Micro-batches are sized in tokens, not samples; DeepSpeed's sample count is nominal.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "train_batch_size": optim.grad_accum * world_size,
+        "gradient_clipping": optim.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+            # FusedAdam on GPU; torch's AdamW on CPU, where the fused CUDA op cannot build.
+            "torch_adam": not on_gpu, "adam_w_mode": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": max(1, optim.warmup_steps),
+            "total_num_steps": optim.total_steps, "warmup_type": "linear"}},
+        "steps_per_print": 10**9,
+    }
+    for key, value in managed.items():
+        if key in ds and ds[key] != value and is_rank0():
+            logger.warning("%s: %s is set by the experiment config (%s), not by this file", path, key, value)
+    return ds | managed
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def num_items(batch: UniterBatch, task: str) -> int:
+    if task == "mlm":
+        return batch.mlm_labels.numel()
+    if task == "itm":
+        return batch.batch_size
+    return batch.mrm_positions.numel()
+
+
+class DataFeed:
+    """One loader per stream, with its place (epoch, batches used) for checkpoints.
+
+    Resume ``replay``: the loaders are rebuilt with the same seeds and the used batches read again
+    and dropped, so the run continues on exactly the batches it would have seen. ``reseed``: each
+    stream continues with the next epoch's seed and nothing is re-read (for long runs, where replay
+    would take long; the data order then differs from an uninterrupted run)."""
+
+    def __init__(self, config: ExperimentConfig, streams: list[Stream], rank: int, world_size: int,
+                 state: dict[str, Any] | None = None):
+        self.config, self.rank, self.world_size = config, rank, world_size
+        data = config.data
+        self.loader_config = LoaderConfig(
+            token_budget=data.token_budget, split=data.split, seed=config.seed, shuffle_buffer=data.shuffle_buffer,
+            max_text_len=data.max_text_len, on_error=data.on_error, num_workers=data.num_workers,
+            masking=data.masking, pad_to_multiple_of=data.pad_to_multiple_of)
+        self.paths = {d.name: d.paths for d in data.train}
+        self.position = {s.name: {"epoch": 0, "batches": 0} for s in streams}
+        self.streams = {s.name: s for s in streams}
+        self.iterators: dict[str, Iterator[UniterBatch]] = {}
+        for name, where in (state or {}).items():
+            if name not in self.position:
+                continue  # a stream the new config no longer trains on
+            if data.resume == "reseed":
+                self.position[name] = {"epoch": where["epoch"] + 1, "batches": 0}
+            else:
+                self.position[name] = dict(where)
+                iterator = self._open(name)
+                for _ in range(where["batches"]):
+                    next(iterator)
+
+    def _open(self, name: str) -> Iterator[UniterBatch]:
+        stream = self.streams[name]
+        loader = build_loader(self.paths[stream.dataset], stream.task, self.loader_config, rank=self.rank,
+                              world_size=self.world_size, epoch=self.position[name]["epoch"])
+        self.iterators[name] = iter(loader)
+        return self.iterators[name]
+
+    def next(self, stream: Stream) -> UniterBatch:
+        name = stream.name
+        iterator = self.iterators[name] if name in self.iterators else self._open(name)
+        try:
+            batch = next(iterator)
+        except StopIteration:  # an exact-split epoch is over: the next one, reshuffled
+            self.position[name] = {"epoch": self.position[name]["epoch"] + 1, "batches": 0}
+            batch = next(self._open(name))
+        self.position[name]["batches"] += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: dict(where) for name, where in self.position.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
+# ---------------------------------------------------------------------------------------------
+
+
+def train_step(engine, batches: list[UniterBatch], streams: list[Stream], device: torch.device,
+               comm_device: torch.device, window: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Forward/backward over the step's micro-batches; DeepSpeed steps the optimizer at the end.
+
+    Objective of the step: sum over streams s of (m_s / A) * (sum of s's item losses over all ranks
+    and micro-batches) / G_s, with A micro-batches per rank, m_s of them from stream s, G_s the items
+    of s in the whole step. DeepSpeed divides each micro-batch loss by A and averages gradients over
+    the W ranks, so micro-batch k of stream s backpropagates sum(item losses) * W * m_s / G_s. The
+    result does not depend on how the step's micro-batches are spread over ranks and accumulation.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    counts = torch.zeros(len(names), dtype=torch.float64)
+    micro_per_stream = torch.zeros(len(names), dtype=torch.float64)
+    for batch, stream in zip(batches, streams):
+        index = names.index(stream.name)
+        counts[index] += num_items(batch, stream.task)
+        micro_per_stream[index] += 1
+    counts = counts.to(comm_device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)  # one small collective per step: every stream's items in the whole step
+    scale = (world * micro_per_stream.to(comm_device) / counts.clamp(min=1)).to(device)
+    for batch, stream in zip(batches, streams):
+        index = names.index(stream.name)
+        out = engine(batch.to(device, non_blocking=True), stream.task)
+        item_sum = out.item_losses.sum()
+        engine.backward(item_sum * scale[index].to(item_sum.dtype))
+        engine.step()
+        # Window sums stay on the device: nothing here waits for the host.
+        window["loss"][index] += item_sum.detach().double()
+        window["items"][index] += out.num_items
+        if out.num_correct is not None:
+            window["correct"][index] += out.num_correct.double()
+
+
+def reduce_window(window: dict[str, torch.Tensor], names: list[str], comm_device: torch.device) -> dict[str, float]:
+    stacked = torch.stack([window["loss"], window["items"], window["correct"]]).to(comm_device)
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+    loss, items, correct = stacked.cpu().tolist()
+    metrics: dict[str, float] = {}
+    by_task: dict[str, list[float]] = {}
+    for name, total, count, hits in zip(names, loss, items, correct):
+        if count:
+            task = name.split("/", 1)[1]
+            metrics[f"train/{name}/loss"] = total / count
+            agg = by_task.setdefault(task, [0.0, 0.0, 0.0])
+            agg[0] += total
+            agg[1] += count
+            agg[2] += hits
+    for task, (total, count, hits) in by_task.items():
+        metrics[f"train/{task}/loss"] = total / count
+        if task in ("mlm", "mrc", "mrc-kl", "itm"):
+            metrics[f"train/{task}/acc"] = hits / count
+    for value in window.values():
+        value.zero_()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def export_final(engine, model: UniterForPretraining, run_dir: Path, checkpoint: Path | None,
+                 zero_stage: int) -> Path | None:
+    """Rank 0 writes ``run_dir/export``: the HF-style folder and the original-layout state dict, from
+    the fp32 weights (consolidated from the ZeRO checkpoint when there is one)."""
+    state = None
+    if zero_stage >= 1 and checkpoint is not None:
+        if is_rank0():
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    elif is_rank0():
+        state = {k: v.float() for k, v in model.state_dict().items()}
+    if not is_rank0():
+        return None
+    export = UniterForPretraining(model.config, wra_weight=model.wra_weight)
+    missing, unexpected = export.load_state_dict(state, strict=False)
+    tied = {n for group in _tied(export) for n in group}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"export: consolidated weights do not match the model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    out = run_dir / "export"
+    tmp = run_dir / "export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export.save_pretrained(tmp / "hf")
+    torch.save(to_original_state_dict(export), tmp / "uniter-pretrained.pt")
+    original_config = {k: v for k, v in export.config.to_dict().items()
+                       if k not in ("img_dim", "img_label_dim", "img_pos_dim", "layer_norm_eps")}
+    (tmp / "uniter-config.json").write_text(json.dumps(original_config, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+def _tied(model: torch.nn.Module) -> list[set[str]]:
+    groups: dict[int, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), set()).add(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
+    accelerator = get_accelerator()
+    on_gpu = accelerator.device_name() == "cuda"
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(accelerator.current_device_name())
+    comm_device = device if accelerator.communication_backend_name() == "nccl" else torch.device("cpu")
+    run_dir = Path(config.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    dist.barrier()
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = build_model(config)
+    streams = [Stream(d.name, task) for d in config.data.train for task in d.tasks]
+    names = [s.name for s in streams]
+    for dataset in config.data.train:
+        for task in dataset.tasks:
+            TaskStream(dataset.paths, task, LoaderConfig()).check_model(
+                img_dim=model.config.img_dim, img_label_dim=model.config.img_label_dim,
+                vocab_size=model.config.vocab_size, img_pos_dim=model.config.img_pos_dim)
+    scheduler = TaskScheduler({s: d.tasks[s.task] for d in config.data.train for s in streams
+                               if s.dataset == d.name}, seed=config.seed,
+                              per_micro_batch=config.task_draw == "micro_batch")
+    ds_config = deepspeed_config(config, world, on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, config.optim.weight_decay),
+                                           config=ds_config)
+    zero_stage = engine.zero_optimization_stage()
+    torch.manual_seed(config.seed + 1000 * rank)  # dropout streams differ per rank
+
+    start_step, data_state = 0, None
+    checkpoint_root = run_dir / "checkpoints"
+    if resume is not None:
+        point = checkpointing.find_resume_point(checkpoint_root if resume == "latest" else Path(resume))
+        if point is None:
+            if rank == 0:
+                logger.info("no complete checkpoint under %s: starting from step 0", checkpoint_root)
+        else:
+            client = checkpointing.load(engine, point)
+            scheduler.check_state(client["scheduler"])
+            start_step, data_state = client["step"], client["data"]
+            if rank == 0:
+                logger.info("resumed from %s at step %d", point, start_step)
+    feed = DataFeed(config, streams, rank, world, data_state)
+
+    tracker = Tracker(run_dir, enabled=rank == 0, use_mlflow=config.tracking.mlflow,
+                      experiment=config.tracking.experiment, tracking_uri=config.tracking.tracking_uri,
+                      run_name=run_dir.name)
+    tracker.log_params(config.flat() | {"world_size": str(world), "zero_stage": str(zero_stage),
+                                        "kernels": json.dumps(active_kernels(model))})
+    if rank == 0:
+        tracker.log_artifacts(run_dir / "config.yaml", "config")
+        tracker.log_artifacts(Path(config.deepspeed_config), "config")
+
+    last_step = min(config.optim.total_steps, config.stop_at_step or config.optim.total_steps)
+    window = {k: torch.zeros(len(names), dtype=torch.float64, device=device) for k in ("loss", "items", "correct")}
+    progress = None
+    if rank == 0 and config.tracking.progress_bar and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=last_step, initial=start_step, desc="pretrain", dynamic_ncols=True)
+    rank_log = open(run_dir / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - open for the whole run
+    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+    val_tasks = sorted({s.task for s in streams})
+    checkpoint = None
+    eval_metrics: dict[str, float] = {}
+    engine.train()
+
+    def run_eval(step: int) -> dict[str, float]:
+        if not config.data.val:
+            return {}
+        engine.eval()
+        metrics = evaluate(lambda b, t: engine(b, t), config.data.val, val_tasks, batches=config.eval.batches,
+                           retrieval_images=config.eval.retrieval_images, token_budget=config.data.token_budget,
+                           max_text_len=config.data.max_text_len, device=device)
+        engine.train()
+        tracker.log_metrics(metrics, step)
+        if rank == 0:
+            logger.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        return metrics
+
+    def save(step: int) -> Path:
+        client = {"step": step, "scheduler": scheduler.state_dict(), "data": feed.state_dict(),
+                  "config": config.to_dict()}
+        return checkpointing.save(engine, checkpoint_root, step, client, config.checkpoint.keep_last)
+
+    for step in range(start_step, last_step):
+        step_streams = scheduler.for_step(step, config.optim.grad_accum)
+        batches = [feed.next(s) for s in step_streams]
+        train_step(engine, batches, step_streams, device, comm_device, window, names)
+        done = step + 1
+        samples = sum(b.batch_size for b in batches)
+        tokens = sum(b.meta["real_tokens"] for b in batches)
+        window_samples, window_tokens = window_samples + samples, window_tokens + tokens
+        rank_log.write(json.dumps({"step": done, "streams": [s.name for s in step_streams],
+                                   "pairs": [b.meta["pairs"] for b in batches]}) + "\n")
+        if done % config.tracking.log_every == 0 or done == last_step:
+            metrics = reduce_window(window, names, comm_device)
+            elapsed = time.perf_counter() - window_start
+            totals = torch.tensor([window_samples, window_tokens], dtype=torch.float64, device=comm_device)
+            dist.all_reduce(totals)
+            grad_norm = engine.get_global_grad_norm()
+            metrics |= {"lr": engine.get_lr()[0], "loss": _window_loss(metrics),
+                        "samples_per_s": float(totals[0]) / elapsed, "tokens_per_s": float(totals[1]) / elapsed,
+                        "samples_per_s_per_rank": float(totals[0]) / elapsed / world}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            loss_scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+            if isinstance(loss_scale, (int, float)):
+                metrics["loss_scale"] = float(loss_scale)
+            tracker.log_metrics(metrics, done)
+            window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+            if progress is not None:
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
+            elif rank == 0:
+                eta = (last_step - done) * elapsed / config.tracking.log_every
+                logger.info("step %d/%d loss %.4f lr %.3g %.1f samples/s eta %.0fs", done, last_step, metrics["loss"],
+                            metrics["lr"], metrics["samples_per_s"], eta)
+        if progress is not None:
+            progress.update(1)
+        if config.eval.every and done % config.eval.every == 0 and done < last_step:
+            eval_metrics = run_eval(done)
+        if config.checkpoint.every and done % config.checkpoint.every == 0 and done < last_step:
+            checkpoint = save(done)
+    rank_log.close()
+    if progress is not None:
+        progress.close()
+
+    export = None
+    if last_step > start_step:
+        if config.eval.at_end:
+            eval_metrics = run_eval(last_step)
+        if config.checkpoint.at_end or config.export_at_end:
+            checkpoint = save(last_step)
+        if config.export_at_end:
+            export = export_final(engine, engine.module, run_dir, checkpoint, zero_stage)
+            if export is not None:
+                tracker.log_artifacts(export, "export")
+    elif rank == 0:
+        logger.info("nothing to train: the run is already at step %d", start_step)
+    dist.barrier()
+    tracker.finish()
+    result = {"run_dir": str(run_dir), "last_step": last_step, "eval": eval_metrics,
+              "checkpoint": str(checkpoint) if checkpoint else None, "export": str(export) if export else None,
+              "mlflow": tracker.tracking_uri, "mlflow_run_id": tracker.run_id}
+    if rank == 0:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _window_loss(metrics: dict[str, float]) -> float:
+    """One number for the progress line: the mean of the per-task losses of the window."""
+    values = [v for k, v in metrics.items() if k.startswith("train/") and k.endswith("/loss") and k.count("/") == 2]
+    return sum(values) / len(values) if values else math.nan
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment config (YAML or JSON)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="resume from the run's latest complete checkpoint, or from PATH")
+    parser.add_argument("--deepspeed_config", help="overrides the config's deepspeed_config")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.set) + ([f"deepspeed_config={args.deepspeed_config}"] if args.deepspeed_config else [])
+    config = load_config(args.config, overrides)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    result = run(config, args.resume)
+    if is_rank0():
+        print(f"run directory: {result['run_dir']}")
+        print(f"final checkpoint: {result['checkpoint']}")
+        print(f"exported weights: {result['export']}")
+        print(f"metrics: {Path(result['run_dir']) / 'metrics.jsonl'}; MLflow: {result['mlflow']} "
+              f"(run {result['mlflow_run_id']})")
+        if result["eval"]:
+            print("held-out evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result["eval"].items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
