@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up a development environment from a fresh clone and run a job in it.
 #   bash launch/dev.sh test      # virtual env + CPU torch (no GPU) + package[test], then the whole test suite
+#   bash launch/dev.sh demo      # the main job: synthetic shards -> pretraining (deepspeed launcher, 2 CPU
+#                                # ranks without a GPU) -> evaluation -> MLflow record -> exported weights
 # The environment lives in .venv (override with UNITER_DS_VENV); re-running reuses it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +49,15 @@ case "$cmd" in
         export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
         "$venv/bin/python" -m ruff check .
         exec "$venv/bin/python" -m pytest "$@" ;;
+    demo)
+        setup
+        export PATH="$PWD/$venv/bin:$PATH"
+        [ -f data/synth-train/manifest.json ] || uniter-ds data synth --out data/synth-train --images 3000 \
+            --img-dim 64 --img-label-dim 41 --min-regions 10 --max-regions 40 --shard-mb 4 --seed 0
+        [ -f data/synth-val/manifest.json ] || uniter-ds data synth --out data/synth-val --images 300 \
+            --img-dim 64 --img-label-dim 41 --min-regions 10 --max-regions 40 --shard-mb 4 --seed 1
+        exec uniter-ds pretrain --config launch/demo.yaml "$@" ;;
     *)
-        echo "usage: bash launch/dev.sh {setup|test} [pytest args]" >&2
+        echo "usage: bash launch/dev.sh {setup|test|demo} [args]" >&2
         exit 2 ;;
 esac

@@ -181,3 +181,12 @@ def test_unknown_task_and_missing_targets_are_clear_errors(tiny_config):
     plain = build_batch([s["input_ids"]], [s["img_feat"]], [s["img_pos"]])
     with pytest.raises(ValueError, match=r"task 'mrc-kl' needs batch field\(s\) \['img_masks'"):
         model(plain, "mrc-kl")
+
+
+def test_mask_embedding_row_zero_stays_out_of_the_gradient(tiny_config):
+    model = UniterForPretraining(tiny_config).train()
+    g = torch.Generator().manual_seed(0)
+    batch = collate([random_sample(tiny_config, 6, 7, g) for _ in range(2)])
+    model(batch, "mrfr").loss.backward()
+    grad = model.uniter.img_embeddings.mask_embedding.weight.grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0

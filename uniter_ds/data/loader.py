@@ -7,6 +7,7 @@ training process only receives finished batches (pinned when a GPU is present).
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -135,9 +136,17 @@ def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig,
     # Its own generator: starting the workers must not draw from the global torch RNG, or when a
     # loader is opened would change the training run's dropout masks (and break exact resume).
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank * 31 + TASKS.index(task))
+    context = None
+    if config.num_workers > 0:
+        # Workers come from a fork server, not from forking the training process: that process runs
+        # threads (gloo, NCCL, MLflow) by the time a loader opens, and a fork taken while one of them
+        # holds a lock deadlocks the child (seen here: a worker stuck inside fork, the job hung).
+        multiprocessing.set_forkserver_preload(["uniter_ds.data.loader"])
+        context = multiprocessing.get_context("forkserver")
     return DataLoader(
         dataset, batch_size=None, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None, generator=generator,
+        multiprocessing_context=context,
     )
 
 

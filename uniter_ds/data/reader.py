@@ -41,6 +41,7 @@ class ImageRecord:
     pos: np.ndarray  # float32 [N, 7]
     soft: np.ndarray | None  # float16 [N, C]
     captions: list[dict]
+    extra: dict = field(default_factory=dict)  # the sample's other JSON fields (width, height, ...)
 
 
 @dataclass
@@ -156,7 +157,8 @@ def _decode(key: str, members: dict[str, bytes], shard: Shard) -> ImageRecord:
     captions = meta.get("captions")
     if not captions or any(not c.get("input_ids") for c in captions):
         raise DataError(f"{where}: no captions, or a caption without tokens")
-    return ImageRecord(key, shard.path.name, str(meta.get("image_id", key)), feat, pos, soft, captions)
+    extra = {k: v for k, v in meta.items() if k not in ("image_id", "captions")}
+    return ImageRecord(key, shard.path.name, str(meta.get("image_id", key)), feat, pos, soft, captions, extra)
 
 
 def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise") -> Iterator[ImageRecord]:
