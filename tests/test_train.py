@@ -275,5 +275,5 @@ def test_main_job_records_params_metrics_eval_and_export_in_mlflow(tmp_path, sha
     assert [m.step for m in history] == [2, 4, 6, 8]
     assert "val/itm/acc" in run.data.metrics and "val/retrieval/text_to_image_r5" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
-    assert {"export/hf", "export/uniter-pretrained.pt"} <= artifacts
+    assert {"export/hf", "export/uniter"} <= artifacts
     assert (run_dir / "export" / "hf" / "model.safetensors").exists()

@@ -102,6 +102,28 @@ def _pretrain(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype, heads=args.heads,
+                    config_file=args.config, overwrite=args.overwrite)
+    print(f"exported step {result['step']} ({result['dtype']}, {'with' if result['heads'] else 'without'} heads), "
+          f"verified by reloading:")
+    for fmt, path in result["written"].items():
+        print(f"  {fmt}: {path}")
+    return 0
+
+
+def _import_uniter(args: argparse.Namespace) -> int:
+    from .export import import_uniter
+
+    result = import_uniter(args.file, args.config, args.out, overwrite=args.overwrite)
+    print(f"wrote {result['out']} (continue pretraining with model.init_from: hf:{result['out']})")
+    print(f"  missing keys ({len(result['missing'])}): {', '.join(result['missing']) or '-'}")
+    print(f"  unexpected keys ({len(result['unexpected'])}): {', '.join(result['unexpected']) or '-'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "launcher on the pretraining entry point")
     pretrain_arguments(pretrain)
     pretrain.set_defaults(run=_pretrain)
+
+    exporter = commands.add_parser("export", help="trained weights -> a Hugging Face-style folder and/or the "
+                                                  "original UNITER layout, verified by reloading")
+    exporter.add_argument("checkpoint", help="a run directory, a checkpoint folder, or a state dict file")
+    exporter.add_argument("--out", required=True)
+    exporter.add_argument("--format", choices=["hf", "uniter", "both"], default="both")
+    exporter.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    exporter.add_argument("--heads", action="store_true", help="keep the pretraining heads")
+    exporter.add_argument("--config", help="a UNITER json config (for a plain state dict file)")
+    exporter.add_argument("--overwrite", action="store_true")
+    exporter.set_defaults(run=_export)
+
+    importer = commands.add_parser("import-uniter", help="an original UNITER checkpoint -> a loadable folder")
+    importer.add_argument("file", help="the original .pt (pretrained or *-init.pt)")
+    importer.add_argument("--config", required=True, help="its json config (uniter-base.json style)")
+    importer.add_argument("--out", required=True)
+    importer.add_argument("--overwrite", action="store_true")
+    importer.set_defaults(run=_import_uniter)
     return parser
 
 

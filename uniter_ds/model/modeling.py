@@ -171,7 +171,9 @@ class UniterPreTrainedModel(nn.Module):
 
     config: UniterConfig
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """``config.json`` + ``model.safetensors``, or Hugging Face's sharded form
+        (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) above ``max_shard_bytes``."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -184,17 +186,44 @@ class UniterPreTrainedModel(nn.Module):
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 state[name] = tensor.detach().contiguous()
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        shards: list[dict[str, Tensor]] = [{}]
+        size = 0
+        for name, tensor in state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor
+            size += nbytes
+        if len(shards) == 1:
+            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / file), metadata={"format": "pt"})
+            weight_map |= {name: file for name in shard}
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, strict: bool = True, **kwargs: Any) -> UniterPreTrainedModel:
+    def from_pretrained(cls, folder: str | Path, strict: bool = True, dtype: torch.dtype | str = "auto",
+                        **kwargs: Any) -> UniterPreTrainedModel:
         """Load a folder written by ``save_pretrained`` (by this class or the other: an encoder loads
-        from a pretraining export, dropping the heads). ``kwargs`` go to the constructor."""
+        from a pretraining export, dropping the heads). ``dtype="auto"`` keeps the stored precision;
+        ``kwargs`` go to the constructor. The model comes back in eval mode."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         model = cls(UniterConfig.from_json_file(folder / "config.json"), **kwargs)
-        state = load_file(str(folder / "model.safetensors"))
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            state = {}
+            for file in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                state |= load_file(str(folder / file))
+        else:
+            state = load_file(str(folder / "model.safetensors"))
         own = model.state_dict()
         if not any(k.startswith("uniter.") for k in own):  # an encoder: take the encoder part
             state = {k[len("uniter."):]: v for k, v in state.items() if k.startswith("uniter.")} or state
@@ -206,8 +235,11 @@ class UniterPreTrainedModel(nn.Module):
         if strict and (missing or unexpected):
             raise ValueError(f"{folder}: weights do not match {cls.__name__}: missing {sorted(missing)}, "
                              f"unexpected {sorted(unexpected)}")
+        if dtype == "auto":
+            dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        model.to(dtype)
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-        return model
+        return model.eval()  # as Hugging Face does: call .train() to fine-tune with dropout
 
     def init_weights(self) -> None:
         std = self.config.initializer_range

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -34,7 +33,6 @@ from ..model import (
     UniterForPretraining,
     load_bert_weights,
     load_original_state_dict,
-    to_original_state_dict,
 )
 from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels
@@ -247,46 +245,6 @@ def reduce_window(window: dict[str, torch.Tensor], names: list[str], comm_device
 # ---------------------------------------------------------------------------------------------
 
 
-def export_final(engine, model: UniterForPretraining, run_dir: Path, checkpoint: Path | None,
-                 zero_stage: int) -> Path | None:
-    """Rank 0 writes ``run_dir/export``: the HF-style folder and the original-layout state dict, from
-    the fp32 weights (consolidated from the ZeRO checkpoint when there is one)."""
-    state = None
-    if zero_stage >= 1 and checkpoint is not None:
-        if is_rank0():
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    elif is_rank0():
-        state = {k: v.float() for k, v in model.state_dict().items()}
-    if not is_rank0():
-        return None
-    export = UniterForPretraining(model.config, wra_weight=model.wra_weight)
-    missing, unexpected = export.load_state_dict(state, strict=False)
-    tied = {n for group in _tied(export) for n in group}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"export: consolidated weights do not match the model: missing {missing}, "
-                           f"unexpected {unexpected}")
-    out = run_dir / "export"
-    tmp = run_dir / "export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    export.save_pretrained(tmp / "hf")
-    torch.save(to_original_state_dict(export), tmp / "uniter-pretrained.pt")
-    original_config = {k: v for k, v in export.config.to_dict().items()
-                       if k not in ("img_dim", "img_label_dim", "img_pos_dim", "layer_norm_eps")}
-    (tmp / "uniter-config.json").write_text(json.dumps(original_config, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return out
-
-
-def _tied(model: torch.nn.Module) -> list[set[str]]:
-    groups: dict[int, set[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), set()).add(name)
-    return [g for g in groups.values() if len(g) > 1]
-
-
 def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
     accelerator = get_accelerator()
     on_gpu = accelerator.device_name() == "cuda"
@@ -416,16 +374,18 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
     if progress is not None:
         progress.close()
 
-    export = None
+    export: Path | None = None
     if last_step > start_step:
         if config.eval.at_end:
             eval_metrics = run_eval(last_step)
         if config.checkpoint.at_end or config.export_at_end:
             checkpoint = save(last_step)
-        if config.export_at_end:
-            export = export_final(engine, engine.module, run_dir, checkpoint, zero_stage)
-            if export is not None:
-                tracker.log_artifacts(export, "export")
+        if config.export_at_end and rank == 0:
+            # The same path as `uniter-ds export`: consolidated fp32 weights, verified by reloading.
+            from ..export import export as export_weights
+
+            export = Path(export_weights(checkpoint, run_dir / "export", heads=True, overwrite=True)["out"])
+            tracker.log_artifacts(export, "export")
     elif rank == 0:
         logger.info("nothing to train: the run is already at step %d", start_step)
     dist.barrier()

@@ -1,0 +1,164 @@
+"""Export (any ZeRO stage -> hf / original layout, verified) and import of original checkpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from uniter_ds.data import synth_dataset
+from uniter_ds.export import ExportError, export, import_uniter, probe_batch
+from uniter_ds.model import UniterConfig, UniterForPretraining, UniterModel, to_original_state_dict
+
+from .launcher import ROOT, free_port, run_launcher
+
+REFERENCE = Path(__file__).with_name("data") / "uniter-base-state-dict.txt"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """2-rank CPU pretraining runs with ZeRO-2 and ZeRO-3 checkpoints."""
+    root = tmp_path_factory.mktemp("export")
+    synth_dataset(root / "data", images=60, img_dim=64, img_label_dim=41, min_regions=5, max_regions=15,
+                  max_shard_bytes=40_000)
+    runs = {}
+    for stage in (2, 3):
+        ds = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
+        ds["zero_optimization"]["stage"] = stage
+        (root / f"ds{stage}.json").write_text(json.dumps(ds))
+        config = {
+            "run_dir": str(root / f"zero{stage}"), "seed": 1, "deepspeed_config": str(root / f"ds{stage}.json"),
+            "model": {"preset": "tiny"},
+            "data": {"train": [{"name": "s", "paths": [str(root / "data")],
+                                "tasks": {"mlm": 1, "itm": 1, "mrc-kl": 1}}],
+                     "token_budget": 500, "num_workers": 0, "split": "resampled"},
+            "optim": {"lr": 1e-3, "warmup_steps": 1, "total_steps": 4},
+            "eval": {"every": 0, "at_end": False}, "checkpoint": {"every": 0, "keep_last": 1},
+            "tracking": {"mlflow": False, "log_every": 2}, "export_at_end": False,
+        }
+        (root / f"zero{stage}.yaml").write_text(yaml.safe_dump(config))
+        run_launcher(["--num_gpus", "2", "--master_port", str(free_port()), "--module", "uniter_ds.train.pretrain",
+                      "--config", str(root / f"zero{stage}.yaml")])
+        runs[stage] = root / f"zero{stage}"
+    return runs
+
+
+def _consolidated(run_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoints_export_exactly_and_reload(checkpoints, stage, tmp_path):
+    run_dir = checkpoints[stage]
+    result = export(run_dir, tmp_path / "out", heads=True)
+    assert result["step"] == 4 and set(result["written"]) == {"hf", "uniter"}
+    fp32 = _consolidated(run_dir)
+    assert all(torch.isfinite(v).all() for v in fp32.values())
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "out" / "hf" / "model.safetensors"))
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, fp32[name]), name
+    training_model = UniterForPretraining(UniterConfig.from_preset("tiny"))
+    training_model.load_state_dict(fp32, strict=False)
+    training_model.eval()
+    batch = probe_batch(training_model.config, seed=5)
+    reloaded = UniterForPretraining.from_pretrained(tmp_path / "out" / "hf").eval()
+    with torch.no_grad():
+        for task_free in (training_model.uniter(batch), reloaded.uniter(batch)):
+            assert torch.isfinite(task_free.sequence_output).all()
+        torch.testing.assert_close(reloaded.uniter(batch).sequence_output,
+                                   training_model.uniter(batch).sequence_output, atol=1e-5, rtol=0)
+    original = torch.load(tmp_path / "out" / "uniter" / "uniter.pt", weights_only=True)
+    word = "uniter.embeddings.word_embeddings.weight"
+    assert torch.equal(original[word], fp32[word])
+    assert torch.equal(original["cls.predictions.decoder.weight"], original[word])
+    card = (tmp_path / "out" / "hf" / "README.md").read_text()
+    assert "training step: 4" in card and "mrc-kl" in card
+    tokenizer = json.loads((tmp_path / "out" / "hf" / "tokenizer_info.json").read_text())
+    assert tokenizer["name"].startswith("uniter-ds-synth")
+
+
+def test_encoder_export_in_bf16_and_sharded(checkpoints, tmp_path):
+    export(checkpoints[2], tmp_path / "bf16", fmt="hf", dtype="bf16")
+    encoder = UniterModel.from_pretrained(tmp_path / "bf16" / "hf")
+    assert encoder.pooler.weight.dtype == torch.bfloat16
+    assert not (tmp_path / "bf16" / "uniter").exists()
+    export(checkpoints[2], tmp_path / "sharded", fmt="hf", max_shard_bytes=100_000)
+    index = json.loads((tmp_path / "sharded" / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    single = UniterModel.from_pretrained(tmp_path / "bf16" / "hf").float()
+    sharded = UniterModel.from_pretrained(tmp_path / "sharded" / "hf")
+    batch = probe_batch(sharded.config)
+    with torch.no_grad():
+        torch.testing.assert_close(single(batch).pooled_output, sharded(batch).pooled_output, atol=5e-2, rtol=0)
+
+
+def test_corrupt_or_incomplete_checkpoint_fails_cleanly(checkpoints, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints[2], broken)
+    tag = next((broken / "checkpoints").glob("step*"))
+    shard = next(tag.glob("zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ExportError, match="cannot consolidate the ZeRO-2 checkpoint"):
+        export(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    (tag / "complete.json").unlink()
+    with pytest.raises(ExportError, match="no complete checkpoint"):
+        export(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _reference_shapes() -> dict[str, tuple[int, ...]]:
+    lines = [line.split() for line in REFERENCE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return {name: tuple(int(x) for x in shape.split("x")) for name, shape in lines}
+
+
+def test_base_state_dict_exports_to_the_reference_layout_and_imports_back(tmp_path):
+    torch.manual_seed(0)
+    config = UniterConfig.from_preset("base")
+    model = UniterForPretraining(config).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    config.to_json_file(tmp_path / "config.json")
+    export(tmp_path / "weights.pt", tmp_path / "out", fmt="uniter", heads=True, config_file=tmp_path / "config.json")
+    original = torch.load(tmp_path / "out" / "uniter" / "uniter-base.pt", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in original.items()} == _reference_shapes()
+    original_config = json.loads((tmp_path / "out" / "uniter" / "uniter-base.json").read_text())
+    assert original_config["hidden_size"] == 768 and "img_dim" not in original_config
+    folder = tmp_path / "out" / "uniter"
+    result = import_uniter(folder / "uniter-base.pt", folder / "uniter-base.json", tmp_path / "imported")
+    assert result["missing"] == [] and result["unexpected"] == []
+    imported = UniterForPretraining.from_pretrained(tmp_path / "imported").eval()
+    batch = probe_batch(config)
+    with torch.no_grad():
+        assert torch.equal(imported.uniter(batch).sequence_output, model.uniter(batch).sequence_output)
+
+
+def test_import_reports_missing_and_unexpected_keys(tmp_path, tiny_config):
+    model = UniterForPretraining(tiny_config)
+    state = {"module." + k: v for k, v in to_original_state_dict(model).items() if not k.startswith("itm_output")}
+    state["module.some_vqa_head.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "ft.pt")
+    tiny_config.to_json_file(tmp_path / "c.json")
+    result = import_uniter(tmp_path / "ft.pt", tmp_path / "c.json", tmp_path / "out")
+    assert result["missing"] == ["itm_head.bias", "itm_head.weight"]
+    assert result["unexpected"] == ["module.some_vqa_head.weight"]
+    assert json.loads((tmp_path / "out" / "import_report.json").read_text())["missing"] == result["missing"]
+
+
+def test_readme_fine_tuning_snippet_runs(checkpoints, tmp_path):
+    export(checkpoints[2], tmp_path / "export", fmt="hf")
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"<!-- fine-tuning snippet -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(snippet.replace("runs/demo/export/hf", str(tmp_path / "export" / "hf")), namespace)  # noqa: S102
+    assert namespace["logits"].shape == (2, 3)
+    assert namespace["loss"].requires_grad

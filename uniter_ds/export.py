@@ -1,0 +1,295 @@
+"""Export trained weights for fine-tuning, and import what users already have.
+
+``uniter-ds export CHECKPOINT --out DIR`` reads a DeepSpeed checkpoint of any ZeRO stage (shards are
+consolidated with DeepSpeed's own zero_to_fp32, on the CPU, no launcher) or a plain state dict, and
+writes ``DIR/hf`` (config.json + model.safetensors, tokenizer files, a model card) and/or ``DIR/uniter``
+(one .pt with the original UNITER names + the original-style json config). Everything is written into
+``DIR.tmp``, reloaded and compared with the source weights on a probe batch, and only then renamed to
+``DIR``: a failure leaves no output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .model import (
+    UniterConfig,
+    UniterForPretraining,
+    UniterModel,
+    build_batch,
+    load_original_state_dict,
+    to_original_state_dict,
+)
+from .train.checkpointing import find_resume_point
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Keys of the original code's model config (uniter-base.json); the image dims are its defaults.
+ORIGINAL_CONFIG_KEYS = ("attention_probs_dropout_prob", "hidden_act", "hidden_dropout_prob", "hidden_size",
+                        "initializer_range", "intermediate_size", "max_position_embeddings", "num_attention_heads",
+                        "num_hidden_layers", "type_vocab_size", "vocab_size")
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass
+class Source:
+    """Weights (fp32, this model's names) and what is known about how they were trained."""
+
+    state: dict[str, torch.Tensor]
+    config: UniterConfig
+    step: int | None = None
+    experiment: dict[str, Any] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    origin: str = ""
+
+
+def _experiment_model_config(experiment: dict[str, Any]) -> UniterConfig:
+    model = experiment.get("model", {})
+    if model.get("config_file"):
+        return UniterConfig.from_dict(UniterConfig.from_json_file(model["config_file"]).to_dict()
+                                      | model.get("overrides", {}))
+    return UniterConfig.from_preset(model.get("preset", "base"), **model.get("overrides", {}))
+
+
+def read_deepspeed_checkpoint(path: Path) -> Source:
+    """A run directory, its ``checkpoints`` folder, or one checkpoint (tag) folder."""
+    if (path / "checkpoints").is_dir():  # a run directory
+        path = path / "checkpoints"
+    folder = find_resume_point(path)
+    if folder is None:
+        raise ExportError(f"{path}: no complete checkpoint found (a checkpoint folder has complete.json)")
+    model_files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+    if not model_files:
+        raise ExportError(f"{folder}: no mp_rank_00_model_states.pt: not a DeepSpeed checkpoint, or an incomplete one")
+    try:
+        meta = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise ExportError(f"{model_files[0]}: cannot be read ({error})") from error
+    experiment = meta.get("config") or {}
+    if not experiment:
+        raise ExportError(f"{folder}: the checkpoint carries no experiment config (not written by uniter-ds pretrain)")
+    stage = int(meta.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    try:
+        if stage >= 1:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        else:
+            state = meta["module"]
+    except Exception as error:  # noqa: BLE001
+        raise ExportError(f"{folder}: cannot consolidate the ZeRO-{stage} checkpoint ({type(error).__name__}: "
+                          f"{error}); is a shard missing or damaged?") from error
+    state = {k: v.float() for k, v in state.items()}
+    result_file = folder.parent.parent / "result.json"
+    eval_metrics = json.loads(result_file.read_text()).get("eval", {}) if result_file.exists() else {}
+    return Source(state, _experiment_model_config(experiment), meta.get("step"), experiment, eval_metrics,
+                  str(folder))
+
+
+def read_state_dict_file(path: Path, config_file: Path | None) -> Source:
+    if config_file is None:
+        raise ExportError(f"{path}: a plain state dict needs --config (a UNITER json config)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise ExportError(f"{path}: cannot be read ({error})") from error
+    if "module" in state and isinstance(state["module"], dict):
+        state = state["module"]
+    config = UniterConfig.from_json_file(config_file)
+    model = UniterForPretraining(config)
+    if any(".attention.self." in k for k in state):  # original names
+        report = load_original_state_dict(model, state, strict=False)
+        if report.missing:
+            raise ExportError(f"{path}: missing weights {report.missing}")
+        state = model.state_dict()
+    return Source({k: v.float() for k, v in state.items()}, config, origin=str(path))
+
+
+def read_source(checkpoint: str | Path, config_file: str | Path | None = None) -> Source:
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ExportError(f"{path}: does not exist")
+    if path.is_file():
+        return read_state_dict_file(path, Path(config_file) if config_file else None)
+    return read_deepspeed_checkpoint(path)
+
+
+def build_from(source: Source) -> UniterForPretraining:
+    model = UniterForPretraining(source.config)
+    missing, unexpected = model.load_state_dict(source.state, strict=False)
+    tied = {n for group in _tied(model) for n in group}
+    if unexpected or set(missing) - tied:
+        raise ExportError(f"{source.origin}: weights do not match the model: missing {sorted(set(missing) - tied)}, "
+                          f"unexpected {sorted(unexpected)}")
+    return model.eval()
+
+
+def _tied(model: torch.nn.Module) -> list[set[str]]:
+    groups: dict[int, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), set()).add(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def probe_batch(config: UniterConfig, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(5, config.vocab_size, (n,), generator=g) for n in (7, 12, 4)]
+    feats = [torch.rand(n, config.img_dim, generator=g) for n in (5, 3, 9)]
+    pos = [torch.rand(n, config.img_pos_dim, generator=g) for n in (5, 3, 9)]
+    return build_batch(ids, feats, pos)
+
+
+def _tokenizer_files(experiment: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """Copy the training data's tokenizer description (manifest) and vocabulary, when they are found."""
+    for dataset in experiment.get("data", {}).get("train", []):
+        for source in dataset.get("paths", []):
+            manifest = Path(source) / "manifest.json"
+            if manifest.exists():
+                info = json.loads(manifest.read_text())["tokenizer"]
+                (out / "tokenizer_info.json").write_text(json.dumps(info, indent=2) + "\n")
+                if (Path(source) / "vocab.txt").exists():
+                    shutil.copy(Path(source) / "vocab.txt", out / "vocab.txt")
+                return info
+    return None
+
+
+def _model_card(source: Source, heads: bool, dtype: str, tokenizer: dict[str, Any] | None) -> str:
+    experiment = source.experiment
+    lines = [f"# UNITER ({'with pretraining heads' if heads else 'encoder'})", "",
+             "Exported by uniter-ds from " + (source.origin or "a state dict") + ".", "",
+             f"- architecture: {source.config.num_hidden_layers} layers, hidden {source.config.hidden_size}, "
+             f"{source.config.num_attention_heads} heads; image features {source.config.img_dim}-d",
+             f"- weights: {dtype}; training step: {source.step if source.step is not None else 'unknown'}"]
+    if tokenizer:
+        lines.append(f"- tokenizer: {tokenizer['name']} (vocab sha256 {tokenizer['vocab_sha256'][:16]}...)")
+    if experiment:
+        data = experiment.get("data", {})
+        datasets = [f"{d['name']} {d['paths']} tasks {d['tasks']}" for d in data.get("train", [])]
+        lines.append("- data: " + "; ".join(datasets))
+    if source.eval_metrics:
+        lines += ["", "## Held-out evaluation at the end of training", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(source.eval_metrics.items())]
+    lines += ["", "## Load", "", "```python", "from uniter_ds.model import UniterModel",
+              "model = UniterModel.from_pretrained(\"PATH/hf\")", "```"]
+    if experiment:
+        lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(experiment, sort_keys=False).strip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def _outputs(model: torch.nn.Module, batch) -> torch.Tensor:
+    encoder = model.uniter if isinstance(model, UniterForPretraining) else model
+    return encoder(batch).sequence_output.float()
+
+
+def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype: str = "fp32", heads: bool = False,
+           config_file: str | Path | None = None, overwrite: bool = False,
+           max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
+    if fmt not in ("hf", "uniter", "both"):
+        raise ExportError(f"--format must be hf, uniter or both, got {fmt!r}")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists (pass --overwrite to replace it)")
+    source = read_source(checkpoint, config_file)
+    full = build_from(source)
+    model: torch.nn.Module = full if heads else _encoder_of(full)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        batch = probe_batch(source.config)
+        reference = _outputs(model, batch)
+        tolerance = 1e-5 if dtype == "fp32" else 5e-2
+        written: dict[str, str] = {}
+        if fmt in ("hf", "both"):
+            hf = tmp / "hf"
+            model.to(DTYPES[dtype]).save_pretrained(hf, max_shard_bytes=max_shard_bytes)
+            model.float()
+            tokenizer = _tokenizer_files(source.experiment, hf)
+            (hf / "README.md").write_text(_model_card(source, heads, dtype, tokenizer))
+            reloaded = (UniterForPretraining if heads else UniterModel).from_pretrained(hf).float().eval()
+            _check(reference, _outputs(reloaded, batch), tolerance, "hf")
+            written["hf"] = str(out / "hf")
+        if fmt in ("uniter", "both"):
+            folder = tmp / "uniter"
+            folder.mkdir()
+            state = {k: v.to(DTYPES[dtype]) for k, v in to_original_state_dict(model).items()}
+            name = _original_name(source.config)
+            torch.save(state, folder / f"{name}.pt")
+            config = {k: v for k, v in source.config.to_dict().items() if k in ORIGINAL_CONFIG_KEYS}
+            (folder / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            reloaded = (UniterForPretraining if heads else UniterModel)(source.config).eval()
+            report = load_original_state_dict(reloaded, torch.load(folder / f"{name}.pt", weights_only=True))
+            assert not report.missing and not report.unexpected
+            _check(reference, _outputs(reloaded.float(), batch), tolerance, "uniter")
+            written["uniter"] = str(out / "uniter" / f"{name}.pt")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "written": written, "step": source.step, "dtype": dtype, "heads": heads}
+
+
+def _encoder_of(full: UniterForPretraining) -> UniterModel:
+    encoder = UniterModel(full.config)
+    encoder.load_state_dict(full.uniter.state_dict())
+    return encoder.eval()
+
+
+def _original_name(config: UniterConfig) -> str:
+    for preset in ("base", "large"):
+        reference = UniterConfig.from_preset(preset)
+        if (config.hidden_size, config.num_hidden_layers) == (reference.hidden_size, reference.num_hidden_layers):
+            return f"uniter-{preset}"
+    return "uniter"
+
+
+def _check(reference: torch.Tensor, reloaded: torch.Tensor, tolerance: float, fmt: str) -> None:
+    difference = float((reference - reloaded).abs().max())
+    if not difference <= tolerance:
+        raise ExportError(f"export verification failed for {fmt}: outputs of the reloaded weights differ by "
+                          f"{difference:.3g} (> {tolerance})")
+
+
+def import_uniter(file: str | Path, config_file: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """An original UNITER checkpoint (pretrained or ``*-init.pt``) -> a folder ``from_pretrained`` loads and
+    ``pretrain`` can start from (``model.init_from: hf:OUT``). Every missing/unexpected key is reported."""
+    file, out = Path(file), Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists (pass --overwrite to replace it)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise ExportError(f"{file}: cannot be read ({error})") from error
+    raw = json.loads(Path(config_file).read_text())
+    config = UniterConfig.from_dict({k: v for k, v in raw.items() if k in UniterConfig.__dataclass_fields__},
+                                    source=str(config_file))
+    model = UniterForPretraining(config)
+    report = load_original_state_dict(model, state, strict=False)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "import_report.json").write_text(json.dumps({"source": str(file), "missing": report.missing,
+                                                        "unexpected": report.unexpected}, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return {"out": str(out), "missing": report.missing, "unexpected": report.unexpected}
