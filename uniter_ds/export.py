@@ -27,6 +27,7 @@ from .model import (
     load_original_state_dict,
     to_original_state_dict,
 )
+from .model.modeling import tied_parameter_names
 from .train.checkpointing import find_resume_point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -131,18 +132,11 @@ def read_source(checkpoint: str | Path, config_file: str | Path | None = None) -
 def build_from(source: Source) -> UniterForPretraining:
     model = UniterForPretraining(source.config)
     missing, unexpected = model.load_state_dict(source.state, strict=False)
-    tied = {n for group in _tied(model) for n in group}
+    tied = {n for group in tied_parameter_names(model) for n in group}
     if unexpected or set(missing) - tied:
         raise ExportError(f"{source.origin}: weights do not match the model: missing {sorted(set(missing) - tied)}, "
                           f"unexpected {sorted(unexpected)}")
     return model.eval()
-
-
-def _tied(model: torch.nn.Module) -> list[set[str]]:
-    groups: dict[int, set[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), set()).add(name)
-    return [g for g in groups.values() if len(g) > 1]
 
 
 def probe_batch(config: UniterConfig, seed: int = 0):

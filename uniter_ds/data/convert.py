@@ -41,9 +41,13 @@ class ConversionReport:
     skipped_images: int = 0
     problems: list[str] = field(default_factory=list)
 
-    def skip(self, message: str) -> None:
+    def bad_input(self, error: Exception, where: str, on_error: str) -> None:
+        """Raise the error (naming the input) or, with ``on_error='skip'``, count and record it."""
+        located = error if where in str(error) else DataError(f"{where}: {error}")
+        if on_error == "raise":
+            raise located from (None if located is error else error)
         self.skipped_images += 1
-        self.problems.append(message)
+        self.problems.append(str(located))
 
 
 def select_regions(conf: np.ndarray | None, total: int, conf_th: float, min_regions: int, max_regions: int) -> int:
@@ -171,10 +175,7 @@ def convert_original(
                            [c | {"input_ids": c["input_ids"].tolist()} for c in image_captions],
                            conf=conf[:keep], soft=soft[:keep] if soft is not None else None)
             except DataError as error:
-                located = error if str(path) in str(error) else DataError(f"{path}: {error}")
-                if on_error == "raise":
-                    raise located from error
-                report.skip(str(located))
+                report.bad_input(error, str(path), on_error)
                 continue
             report.images_written += 1
             report.pairs_written += len(image_captions)
@@ -284,11 +285,8 @@ def convert_tsv(
                                soft=soft[:keep] if soft is not None else None,
                                extra={"width": float(row["image_w"]), "height": float(row["image_h"])})
                 except (DataError, KeyError, ValueError) as error:
-                    message = error if isinstance(error, DataError) else DataError(f"{where}: bad row ({error!r})")
-                    located = message if where in str(message) else DataError(f"{where}: {message}")
-                    if on_error == "raise":
-                        raise located from error
-                    report.skip(str(located))
+                    report.bad_input(error if isinstance(error, DataError) else DataError(f"bad row ({error!r})"),
+                                     where, on_error)
                     continue
                 report.images_written += 1
                 report.pairs_written += len(image_captions)

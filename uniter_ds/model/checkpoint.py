@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import UniterConfig
-from .modeling import _tied_names
+from .modeling import tied_parameter_names
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def load_original_state_dict(model: nn.Module, state: dict[str, Tensor], strict:
                              f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
     provided = set(converted) & set(own)
     missing = set(own) - provided
-    for group in _tied_names(model):
+    for group in tied_parameter_names(model):
         if group & provided:
             missing -= group
     unexpected = [name for key in set(converted) - set(own) for name in origin[key]] + leftover
@@ -180,7 +180,7 @@ def load_original_state_dict(model: nn.Module, state: dict[str, Tensor], strict:
         raise ValueError(f"checkpoint does not match the model:\n{report}")
     loadable = {k: v for k, v in converted.items() if k in own}
     # Tied names: load each shared tensor once, from whichever name the checkpoint provided.
-    for group in _tied_names(model):
+    for group in tied_parameter_names(model):
         for extra in sorted(group & set(loadable))[1:]:
             del loadable[extra]
     model.load_state_dict(loadable, strict=False)

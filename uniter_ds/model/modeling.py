@@ -228,7 +228,7 @@ class UniterPreTrainedModel(nn.Module):
         if not any(k.startswith("uniter.") for k in own):  # an encoder: take the encoder part
             state = {k[len("uniter."):]: v for k, v in state.items() if k.startswith("uniter.")} or state
         missing = set(own) - set(state)
-        for group in _tied_names(model):
+        for group in tied_parameter_names(model):
             if group & set(state):
                 missing -= group
         unexpected = set(state) - set(own)
@@ -472,7 +472,8 @@ class UniterForPretraining(UniterPreTrainedModel):
         return TaskOutput("itm", losses.mean(), losses, sample, correct, logits, parts)
 
 
-def _tied_names(model: nn.Module) -> list[set[str]]:
+def tied_parameter_names(model: nn.Module) -> list[set[str]]:
+    """Groups of state-dict names that share one tensor (the MLM decoder and the word embeddings, ...)."""
     groups: dict[int, set[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(tensor), set()).add(name)
