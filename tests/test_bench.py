@@ -61,3 +61,35 @@ def test_baseline_runs_the_padded_layout(tiny_config):
     ids = [torch.tensor([2, 7, 3]), torch.tensor([2, 7, 8, 9, 3])]
     batch = build_batch(ids, [torch.rand(6, 64), torch.rand(2, 64)], [torch.rand(6, 7), torch.rand(2, 7)])
     assert baseline.sequence_length(batch) == 5 + 6 and batch.seq_len == 9
+
+
+FIELDS = {"samples_per_s", "tokens_per_s", "padded_tokens_per_s", "padding_fraction", "step_time_s", "tflops",
+          "mfu", "peak", "memory", "per_task_step_time_s", "kernels", "window_samples_per_s", "precision"}
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_bench_cli_writes_every_field(tmp_path, command):
+    import json
+    import subprocess
+    import sys
+
+    from .launcher import ROOT, cpu_env
+
+    out = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "uniter_ds.cli", "bench", command, "--preset", "tiny", "--precision", "fp32",
+         "--zero", "0", "--token-budget", "600", "--batches", "1", "--warmup", "1", "--windows", "1", "--steps", "2",
+         "--data-dir", str(tmp_path / "data"), "--out", str(out)],
+        cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["ours"]) >= FIELDS and report["ours"]["steps"] == 2
+    assert {"device", "git_commit", "versions", "date"} <= set(report["environment"])
+    assert report["ours"]["peak"]["what"].startswith("CPU: measured")
+    assert 0 < report["ours"]["padding_fraction"] < 1 and report["ours"]["tflops"] > 0
+    if command == "compare":
+        assert set(report["baseline"]) >= FIELDS
+        assert report["speedup_samples_per_s"] == pytest.approx(
+            report["ours"]["samples_per_s"] / report["baseline"]["samples_per_s"])
+        # The baseline pads text and regions separately: never less padding than the compact layout.
+        assert report["baseline"]["padding_fraction"] >= report["ours"]["padding_fraction"]
