@@ -146,9 +146,10 @@ def convert_original(
     files = {p.name: p for p in sorted(img_dir.glob("*.npz"))}
     report.captions_without_image = sum(len(c) for f, c in captions.items() if f not in files and
                                         f + ".npz" not in files)
-    img_dim = label_dim = None
-    writer = None
-    try:
+    source = {"converter": "original", "img_dir": str(img_dir), "txt": str(txt), "conf_th": conf_th,
+              "regions": [min_regions, max_regions]}
+    with DatasetWriter(out, name=name, img_dim=None, img_label_dim="auto" if with_soft_labels else None,
+                       tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, overwrite=True, source=source) as writer:
         for file_name, path in files.items():
             image_captions = captions.get(file_name) or captions.get(path.stem)
             if not image_captions:
@@ -164,13 +165,6 @@ def convert_original(
                 if with_soft_labels and soft is None:
                     raise DataError(f"{path}: no soft_labels (convert with with_soft_labels=False to go without)")
                 keep = select_regions(conf, len(feat), conf_th, min_regions, max_regions)
-                if writer is None:
-                    img_dim = feat.shape[1]
-                    label_dim = soft.shape[1] if soft is not None else None
-                    writer = DatasetWriter(out, name=name, img_dim=img_dim, img_label_dim=label_dim,
-                                           tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, overwrite=True,
-                                           source={"converter": "original", "img_dir": str(img_dir), "txt": str(txt),
-                                                   "conf_th": conf_th, "regions": [min_regions, max_regions]})
                 writer.add(path.stem, feat[:keep], positions_from_norm_bb(norm_bb[:keep]),
                            [c | {"input_ids": c["input_ids"].tolist()} for c in image_captions],
                            conf=conf[:keep], soft=soft[:keep] if soft is not None else None)
@@ -179,14 +173,9 @@ def convert_original(
                 continue
             report.images_written += 1
             report.pairs_written += len(image_captions)
-        if writer is None:
+        if not report.images_written:
             raise DataError(f"{img_dir}: no image with captions found (npz files: {len(files)})")
-        manifest = writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    return manifest, report
+    return writer.manifest, report
 
 
 def tokenizer_info_from_hf(folder: str | Path):
@@ -250,52 +239,41 @@ def convert_tsv(
     captions = _captions_by_image(iter(rows), "image_id")
     report = ConversionReport()
     seen: set[str] = set()
-    writer = None
     csv.field_size_limit(sys.maxsize)
-    try:
-        with open(tsv, newline="") as f:
-            for line_number, row in enumerate(csv.DictReader(f, delimiter="\t", fieldnames=fields), 1):
-                where = f"{tsv}:{line_number}"
-                try:
-                    image_id = str(row["image_id"])
-                    seen.add(image_id)
-                    image_captions = captions.get(image_id)
-                    if not image_captions:
-                        report.images_without_captions += 1
-                        continue
-                    n = int(row["num_boxes"])
-                    boxes = _decode_b64(row["boxes"], (n, 4), f"{where} boxes")
-                    feat = _decode_b64(row["features"], (n, -1), f"{where} features")
-                    conf = (_decode_b64(row["objects_conf"], (n,), f"{where} objects_conf")
-                            if row.get("objects_conf") else None)
-                    soft = _decode_b64(row["cls_prob"], (n, -1), f"{where} cls_prob") if row.get("cls_prob") else None
-                    keep = select_regions(conf, n, conf_th, min_regions, max_regions)
-                    pos = positions_from_boxes(boxes[:keep], float(row["image_w"]), float(row["image_h"]))
-                    if writer is None:
-                        writer = DatasetWriter(out, name=name, img_dim=feat.shape[1],
-                                               img_label_dim=soft.shape[1] if soft is not None else None,
-                                               tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, overwrite=True,
-                                               source={"converter": "tsv", "tsv": str(tsv),
-                                                       "captions": str(captions_file),
-                                                       "tokenizer": str(tokenizer_dir), "conf_th": conf_th,
-                                                       "regions": [min_regions, max_regions]})
-                    writer.add(image_id, feat[:keep], pos,
-                               [c | {"input_ids": c["input_ids"].tolist()} for c in image_captions],
-                               conf=conf[:keep] if conf is not None else None,
-                               soft=soft[:keep] if soft is not None else None,
-                               extra={"width": float(row["image_w"]), "height": float(row["image_h"])})
-                except (DataError, KeyError, ValueError) as error:
-                    report.bad_input(error if isinstance(error, DataError) else DataError(f"bad row ({error!r})"),
-                                     where, on_error)
+    source = {"converter": "tsv", "tsv": str(tsv), "captions": str(captions_file), "tokenizer": str(tokenizer_dir),
+              "conf_th": conf_th, "regions": [min_regions, max_regions]}
+    with DatasetWriter(out, name=name, img_dim=None, img_label_dim="auto", tokenizer=tokenizer,
+                       max_shard_bytes=max_shard_bytes, overwrite=True, source=source) as writer, \
+            open(tsv, newline="") as f:
+        for line_number, row in enumerate(csv.DictReader(f, delimiter="\t", fieldnames=fields), 1):
+            where = f"{tsv}:{line_number}"
+            try:
+                image_id = str(row["image_id"])
+                seen.add(image_id)
+                image_captions = captions.get(image_id)
+                if not image_captions:
+                    report.images_without_captions += 1
                     continue
-                report.images_written += 1
-                report.pairs_written += len(image_captions)
+                n = int(row["num_boxes"])
+                boxes = _decode_b64(row["boxes"], (n, 4), f"{where} boxes")
+                feat = _decode_b64(row["features"], (n, -1), f"{where} features")
+                conf = (_decode_b64(row["objects_conf"], (n,), f"{where} objects_conf")
+                        if row.get("objects_conf") else None)
+                soft = _decode_b64(row["cls_prob"], (n, -1), f"{where} cls_prob") if row.get("cls_prob") else None
+                keep = select_regions(conf, n, conf_th, min_regions, max_regions)
+                pos = positions_from_boxes(boxes[:keep], float(row["image_w"]), float(row["image_h"]))
+                writer.add(image_id, feat[:keep], pos,
+                           [c | {"input_ids": c["input_ids"].tolist()} for c in image_captions],
+                           conf=conf[:keep] if conf is not None else None,
+                           soft=soft[:keep] if soft is not None else None,
+                           extra={"width": float(row["image_w"]), "height": float(row["image_h"])})
+            except (DataError, KeyError, ValueError) as error:
+                report.bad_input(error if isinstance(error, DataError) else DataError(f"bad row ({error!r})"),
+                                 where, on_error)
+                continue
+            report.images_written += 1
+            report.pairs_written += len(image_captions)
         report.captions_without_image = sum(len(c) for i, c in captions.items() if i not in seen)
-        if writer is None:
+        if not report.images_written:
             raise DataError(f"{tsv}: no image with captions found")
-        manifest = writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    return manifest, report
+    return writer.manifest, report

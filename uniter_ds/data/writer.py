@@ -33,8 +33,8 @@ class DatasetWriter:
         folder: str | Path,
         *,
         name: str,
-        img_dim: int,
-        img_label_dim: int | None,
+        img_dim: int | None,
+        img_label_dim: int | None | str,
         tokenizer: TokenizerInfo,
         max_shard_bytes: int = 512 * 2**20,
         img_pos_dim: int = 7,
@@ -47,6 +47,7 @@ class DatasetWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in [*self.folder.glob("*.tar"), *self.folder.glob("*.tar.tmp"), self.folder / MANIFEST_NAME]:
             stale.unlink(missing_ok=True)
+        # img_dim None / img_label_dim "auto": taken from the first sample (converters learn them there).
         self.name, self.img_dim, self.img_label_dim = name, img_dim, img_label_dim
         self.img_pos_dim, self.tokenizer, self.source = img_pos_dim, tokenizer, source or {}
         self.max_shard_bytes = max_shard_bytes
@@ -57,6 +58,7 @@ class DatasetWriter:
         self._keys: set[str] = set()
         self._region_counts: list[int] = []
         self._text_lengths: list[int] = []
+        self.manifest: Manifest | None = None  # set by close()
 
     def __enter__(self) -> DatasetWriter:
         return self
@@ -82,6 +84,10 @@ class DatasetWriter:
         """One image with its captions; each caption is ``{"id", "text", "input_ids"}`` (no CLS/SEP)."""
         key = sample_key(image_id)
         where = f"image {image_id!r}"
+        if self.img_dim is None and np.ndim(feat) == 2:
+            self.img_dim = int(np.shape(feat)[1])
+        if self.img_label_dim == "auto":
+            self.img_label_dim = int(np.shape(soft)[1]) if soft is not None else None
         if key in self._keys:
             raise DataError(f"{where}: duplicate sample key {key!r}")
         arrays = {"feat": feat, "pos": pos, "conf": conf, "soft": soft}
@@ -159,6 +165,7 @@ class DatasetWriter:
             text_lengths=summarize(self._text_lengths), source=self.source,
         )
         manifest.save(self.folder)
+        self.manifest = manifest
         return manifest
 
     def abort(self) -> None:
