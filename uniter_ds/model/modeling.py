@@ -241,20 +241,22 @@ class UniterPreTrainedModel(nn.Module):
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         return model.eval()  # as Hugging Face does: call .train() to fine-tune with dropout
 
-    def init_weights(self) -> None:
+    def init_weights(self, roots: Sequence[nn.Module] | None = None) -> None:
+        """BERT's initialisation of ``roots`` (default: the whole model) and everything below them."""
         std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            elif type(module).__name__ in ("LayerNorm", "FusedLayerNorm"):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, ImageEmbeddings):
-                with torch.no_grad():
-                    module.mask_embedding.weight[0].zero_()
+        for root in roots if roots is not None else [self]:
+            for module in root.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                elif type(module).__name__ in ("LayerNorm", "FusedLayerNorm"):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+            for module in root.modules():  # after the tables: row 0 of the mask embedding is "not masked"
+                if isinstance(module, ImageEmbeddings):
+                    with torch.no_grad():
+                        module.mask_embedding.weight[0].zero_()
 
 
 class UniterModel(UniterPreTrainedModel):
@@ -414,7 +416,8 @@ class UniterForPretraining(UniterPreTrainedModel):
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.wra_weight = wra_weight
         self.ipot = dict(beta=ipot_beta, iterations=ipot_iterations, inner_steps=ipot_inner_steps)
-        self.init_weights()
+        # The encoder initialised itself; the heads' own layers remain (their tied weights are the encoder's).
+        self.init_weights([self.mlm_head.transform, self.mrfr_head.transform, self.mrc_head, self.itm_head])
 
     def forward(self, batch: UniterBatch, task: str) -> TaskOutput:
         if task not in TASKS:

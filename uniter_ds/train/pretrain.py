@@ -27,7 +27,7 @@ import torch.distributed as dist
 import yaml
 from deepspeed.accelerator import get_accelerator
 
-from ..data import LoaderConfig, TaskStream, build_loader
+from ..data import LoaderConfig, build_loader, check_compatible, resolve_sources
 from ..model import (
     UniterConfig,
     UniterForPretraining,
@@ -262,11 +262,11 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
     model = build_model(config)
     streams = [Stream(d.name, task) for d in config.data.train for task in d.tasks]
     names = [s.name for s in streams]
-    for dataset in config.data.train:
-        for task in dataset.tasks:
-            TaskStream(dataset.paths, task, LoaderConfig()).check_model(
-                img_dim=model.config.img_dim, img_label_dim=model.config.img_label_dim,
-                vocab_size=model.config.vocab_size, img_pos_dim=model.config.img_pos_dim)
+    for dataset in config.data.train:  # refuse data that does not fit the model, before any step
+        check_compatible(resolve_sources(dataset.paths)[0].manifest, source=dataset.name,
+                         img_dim=model.config.img_dim, img_pos_dim=model.config.img_pos_dim,
+                         img_label_dim=model.config.img_label_dim, vocab_size=model.config.vocab_size,
+                         need_soft_labels=any(t in ("mrc", "mrc-kl") for t in dataset.tasks))
     scheduler = TaskScheduler({s: d.tasks[s.task] for d in config.data.train for s in streams
                                if s.dataset == d.name}, seed=config.seed,
                               per_micro_batch=config.task_draw == "micro_batch")
