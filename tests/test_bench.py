@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -11,6 +13,7 @@ from uniter_ds.bench.flops import non_embedding_parameters, training_flops, trai
 from uniter_ds.model import TASKS, UniterConfig, UniterForPretraining, build_batch
 
 from .helpers import collate, random_sample
+from .launcher import free_port
 
 
 def test_flop_formula_matches_a_count_of_the_real_encoder(tiny_config):
@@ -64,32 +67,132 @@ def test_baseline_runs_the_padded_layout(tiny_config):
 
 
 FIELDS = {"samples_per_s", "tokens_per_s", "padded_tokens_per_s", "padding_fraction", "step_time_s", "tflops",
-          "mfu", "peak", "memory", "per_task_step_time_s", "kernels", "window_samples_per_s", "precision"}
+          "mfu", "peak", "memory", "per_task_step_time_s", "kernels", "window_samples_per_s", "precision",
+          "total_samples_per_s", "world_size"}
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("command", ["train", "compare"])
-def test_bench_cli_writes_every_field(tmp_path, command):
-    import json
+def run_cli(args: list[str], timeout: int = 600):
     import subprocess
     import sys
 
     from .launcher import ROOT, cpu_env
 
+    result = subprocess.run([sys.executable, "-m", "uniter_ds.cli", *args], cwd=ROOT, env=cpu_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def assert_plots(report: dict, folder, expected: int) -> None:
+    assert len(report["plots"]) == expected
+    for name in report["plots"]:
+        assert (folder / name).read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_bench_cli_writes_every_field(tmp_path, command):
     out = tmp_path / "report.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "uniter_ds.cli", "bench", command, "--preset", "tiny", "--precision", "fp32",
-         "--zero", "0", "--token-budget", "600", "--batches", "1", "--warmup", "1", "--windows", "1", "--steps", "2",
-         "--data-dir", str(tmp_path / "data"), "--out", str(out)],
-        cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    result = run_cli(["bench", command, "--preset", "tiny", "--precision", "fp32", "--zero", "0",
+                      "--token-budget", "600", "900", "--batches", "1", "--warmup", "1", "--windows", "1", "--steps",
+                      "2", "--profile", "1", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["ours"]) >= FIELDS and report["ours"]["steps"] == 2
+    assert [run["token_budget"] for run in report["runs"]] == [600, 900]
     assert {"device", "git_commit", "versions", "date"} <= set(report["environment"])
-    assert report["ours"]["peak"]["what"].startswith("CPU: measured")
-    assert 0 < report["ours"]["padding_fraction"] < 1 and report["ours"]["tflops"] > 0
-    if command == "compare":
-        assert set(report["baseline"]) >= FIELDS
-        assert report["speedup_samples_per_s"] == pytest.approx(
-            report["ours"]["samples_per_s"] / report["baseline"]["samples_per_s"])
-        # The baseline pads text and regions separately: never less padding than the compact layout.
-        assert report["baseline"]["padding_fraction"] >= report["ours"]["padding_fraction"]
+    assert report["settings"]["preset"] == "tiny" and report["settings"]["zero_stage"] == 0
+    for run in report["runs"]:
+        ours = run["ours"]
+        assert set(ours) >= FIELDS and ours["steps"] == 2
+        assert ours["peak"]["what"].startswith("CPU: measured fp32")
+        assert 0 < ours["padding_fraction"] < 1 and ours["tflops"] > 0
+        assert set(ours["per_task_step_time_s"]) == {"itm", "mrfr"}  # tasks take turns; warm-up took mlm
+        profile = ours["profile"]
+        assert sum(profile["by_kind_percent"].values()) == pytest.approx(100, abs=0.5)
+        assert profile["by_kind_percent"]["matmul"] > 0 and profile["top_ops"]
+        if command == "compare":
+            assert set(run["baseline"]) >= FIELDS
+            assert run["speedup_samples_per_s"] == pytest.approx(ours["samples_per_s"] /
+                                                                 run["baseline"]["samples_per_s"])
+            # The baseline pads text and regions separately: never less padding than the compact layout.
+            assert run["baseline"]["padding_fraction"] >= ours["padding_fraction"]
+    assert_plots(report, tmp_path, 3 if command == "compare" else 2)
+
+
+def test_bench_under_the_launcher_gathers_every_rank(tmp_path):
+    """2 CPU ranks, the live shard reader, accumulation 2: rank 0 reports per-GPU and total numbers that
+    add up over the ranks, and each rank counted exactly the samples of the micro-batches it stepped."""
+    out = tmp_path / "report.json"
+    result = run_cli(["bench", "train", "--num-gpus", "2", "--master-port", str(free_port()), "--preset", "tiny",
+                      "--precision", "fp32", "--zero", "2", "--token-budget", "700", "--source", "shards",
+                      "--workers", "1", "--accumulation", "2", "--warmup", "1", "--windows", "1", "--steps", "2",
+                      "--tasks", "mlm", "mrfr", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-plots"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    report = json.loads(out.read_text())
+    ours = report["runs"][0]["ours"]
+    assert report["launcher"]["world_size"] == 2 and ours["world_size"] == 2
+    assert "--num-gpus" not in report["command"]
+    per_rank = ours["per_rank_samples_per_s"]
+    assert len(per_rank) == 2 and all(rate > 0 for rate in per_rank)
+    assert ours["total_samples_per_s"] == pytest.approx(sum(per_rank))
+    assert ours["samples_per_s"] == pytest.approx(sum(per_rank) / 2)
+    assert report["settings"]["accumulation"] == 2 and report["settings"]["source"] == "shards"
+
+
+def _threshold_probe(threshold: int):
+    from uniter_ds.bench.memory import Probe
+
+    return lambda budget: Probe(budget, budget <= threshold, budget / 1000, "fake")
+
+
+@pytest.mark.parametrize("threshold", [300, 512, 700, 1023, 1024, 1500, 2048, 5000, 9000, 20000, 100000])
+@pytest.mark.parametrize("start", [512, 1024, 4096])
+def test_memory_search_finds_the_largest_budget_that_fits(threshold, start):
+    from uniter_ds.bench.memory import search_largest
+
+    resolution, maximum = 256, 16384
+    largest, probes = search_largest(_threshold_probe(threshold), start, maximum, resolution)
+    if threshold < resolution:
+        assert largest is None
+        return
+    if threshold >= maximum:
+        assert largest == maximum
+    else:
+        assert largest <= threshold < largest + resolution  # within the resolution of the true limit
+    assert any(p.token_budget == largest and p.fits for p in probes)
+    assert len(probes) <= 2 * (maximum // resolution).bit_length() + 2  # a search, not a scan
+
+
+def test_bench_memory_cli_probes_real_steps(tmp_path):
+    out = tmp_path / "memory.json"
+    result = run_cli(["bench", "memory", "--preset", "tiny", "--precision", "fp32", "--zero", "0", "--tasks", "mlm",
+                      "--limit-gb", "100", "--start", "512", "--max-budget", "1024", "--resolution", "512",
+                      "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["largest_token_budget"] == 1024
+    assert [p["token_budget"] for p in report["probes"]] == [512, 1024]
+    assert all(0.1 < p["peak_gb"] < 100 for p in report["probes"])
+    assert_plots(report, tmp_path, 1)
+    # With a limit below what the process itself needs, nothing fits, and the exit status says so.
+    result = run_cli(["bench", "memory", "--preset", "tiny", "--precision", "fp32", "--zero", "0", "--tasks", "mlm",
+                      "--limit-gb", "0.01", "--start", "512", "--max-budget", "512", "--resolution", "512",
+                      "--data-dir", str(tmp_path / "data"), "--no-plots"])
+    assert result.returncode == 1 and "largest token budget that fits: none" in result.stdout
+    result = run_cli(["bench", "memory", "--preset", "tiny"])
+    assert result.returncode == 2 and "--limit-gb" in result.stderr
+
+
+def test_bench_data_cli(tmp_path):
+    out = tmp_path / "data.json"
+    result = run_cli(["bench", "data", "--regions", "12", "5-20", "--images", "60", "--tasks", "mlm", "itm",
+                      "--workers", "0", "--seconds", "0.3", "--token-budget", "512", "--data-dir", str(tmp_path / "d"),
+                      "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["regions"], r["task"]) for r in report["rows"]] == [("12", "mlm"), ("12", "itm"), ("5-20", "mlm"),
+                                                                   ("5-20", "itm")]
+    assert all(r["samples_per_s"] > 0 and r["batches"] > 0 for r in report["rows"])
+    assert report["rows"][0]["padding_fraction"] < report["rows"][2]["padding_fraction"]  # fixed counts pad less
+    assert_plots(report, tmp_path, 1)
+    result = run_cli(["bench", "data", "--regions", "ten", "--data-dir", str(tmp_path / "d")])
+    assert result.returncode == 2 and "'ten'" in result.stderr

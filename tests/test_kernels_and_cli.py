@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
-from uniter_ds.model import UniterModel, active_kernels, kernels
+from uniter_ds.model import UniterConfig, UniterForPretraining, UniterModel, active_kernels, kernels
+
+from .helpers import collate, random_sample
 
 
 def test_layer_norm_falls_back_to_torch_and_reports_it(tiny_config):
@@ -32,6 +35,60 @@ def test_fused_layer_norm_is_used_when_available(tiny_config, monkeypatch):
     assert norms and all(type(m) is FusedLayerNorm for m in norms)
     assert "FusedLayerNorm" in active_kernels(model)["layer_norm"]
     assert "LayerNorm.weight" in "".join(model.state_dict())  # names unchanged by the kernel choice
+
+
+def test_kernel_choices_are_checked(monkeypatch):
+    monkeypatch.setenv("UNITER_DS_LAYER_NORM", "fused")
+    kernels._apex_fused_layer_norm.cache_clear()
+    with pytest.raises(ValueError, match="UNITER_DS_LAYER_NORM='fused'"):
+        kernels.layer_norm(8, 1e-5)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("UNITER_DS_LAYER_NORM", "apex")
+        kernels._apex_fused_layer_norm.cache_clear()
+        with pytest.raises(ValueError, match="needs apex installed and a CUDA device"):
+            kernels.layer_norm(8, 1e-5)
+    kernels._apex_fused_layer_norm.cache_clear()
+    with pytest.raises(ValueError, match="SDPA backend 'fast'"), kernels.sdpa_backend("fast"):
+        pass
+
+
+def test_sdpa_backend_restriction_keeps_the_result(tiny_config):
+    torch.manual_seed(0)
+    model = UniterForPretraining(tiny_config).eval()
+    batch = collate([random_sample(tiny_config, t, r, torch.Generator().manual_seed(t)) for t, r in [(5, 7), (9, 3)]])
+    with torch.no_grad():
+        expected = model(batch, "mlm").loss
+        with kernels.sdpa_backend("math"):
+            assert torch.allclose(model(batch, "mlm").loss, expected, atol=1e-6)
+    # CPU flash attention has no dropout: restricted to it, training with attention dropout cannot run.
+    model = UniterForPretraining(UniterConfig.from_dict(tiny_config.to_dict() | {"attention_probs_dropout_prob": 0.1}))
+    if not torch.cuda.is_available():
+        with kernels.sdpa_backend("flash"), pytest.raises(RuntimeError, match="No available kernel"):
+            model(batch, "mlm")
+
+
+def test_compiled_encoder_matches_eager(tiny_config):
+    """``model.compile: true`` / ``bench --compile``: same losses and gradients, names unchanged,
+    and batches of another length reuse the dynamic graph."""
+    torch.manual_seed(0)
+    eager = UniterForPretraining(tiny_config).eval()
+    compiled = UniterForPretraining(tiny_config).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.uniter.encoder.compile_layers()
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    g = torch.Generator().manual_seed(1)
+    for lengths in ([(5, 7), (9, 3)], [(12, 10), (4, 4), (6, 9)]):
+        batch = collate([random_sample(tiny_config, t, r, g) for t, r in lengths])
+        losses = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss = model(batch, "mlm").loss
+            loss.backward()
+            losses.append(loss)
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_model_info_command(tmp_path):

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -125,51 +124,6 @@ def _import_uniter(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from .bench.train import (
-        _environment,
-        bench_baseline,
-        bench_ours,
-        device_peak,
-        make_batches,
-        with_utilisation,
-    )
-    from .model import UniterConfig
-
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    config = UniterConfig.from_preset(args.preset, hidden_dropout_prob=0.1)
-    batches = make_batches(config, args.tasks, args.token_budget, args.batches, min_regions=args.min_regions,
-                           max_regions=args.max_regions, data_dir=args.data_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak = device_peak(device)
-    timing = dict(warmup=args.warmup, windows=args.windows, steps_per_window=args.steps)
-    report = {"command": "uniter-ds bench " + " ".join(args.argv), "preset": args.preset,
-              "token_budget": args.token_budget, "tasks": args.tasks, "environment": _environment(device)}
-    report["ours"] = with_utilisation(bench_ours(config, batches, zero_stage=args.zero, precision=args.precision,
-                                                 compile_model=args.compile, **timing), peak)
-    rows = [report["ours"]]
-    if args.bench_command == "compare":
-        report["baseline"] = with_utilisation(bench_baseline(config, batches, precision=args.precision, **timing), peak)
-        report["speedup_samples_per_s"] = report["ours"]["samples_per_s"] / report["baseline"]["samples_per_s"]
-        rows.append(report["baseline"])
-    print(f"{'system':<12} {'samples/s':>10} {'tokens/s':>10} {'padding':>8} {'step p50':>9} {'TFLOP/s':>8} {'MFU':>7}")
-    for row in rows:
-        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
-        print(f"{row['system'][:12]:<12} {row['samples_per_s']:>10.1f} {row['tokens_per_s']:>10.0f} "
-              f"{100 * row['padding_fraction']:>7.1f}% {row['step_time_s']['median']:>8.3f}s "
-              f"{row['tflops']:>8.3f} {mfu:>7}")
-    if "speedup_samples_per_s" in report:
-        print(f"ours / baseline: {report['speedup_samples_per_s']:.2f}x samples/s")
-    print(f"peak: {peak[1]}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -245,27 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--overwrite", action="store_true")
     importer.set_defaults(run=_import_uniter)
 
-    bench = commands.add_parser("bench", help="training throughput benchmarks").add_subparsers(
-        dest="bench_command", required=True)
-    for name, text in (("train", "our DeepSpeed engine on pre-built batches"),
-                       ("compare", "ours and the Hugging Face baseline on the same batches, and the ratio")):
-        sub = bench.add_parser(name, help=text)
-        sub.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
-        sub.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-        sub.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
-        sub.add_argument("--token-budget", type=int, default=4096)
-        sub.add_argument("--tasks", nargs="+", default=["mlm", "itm", "mrfr", "mrc-kl"])
-        sub.add_argument("--batches", type=int, default=4, help="pre-built batches per task")
-        sub.add_argument("--min-regions", type=int, default=10)
-        sub.add_argument("--max-regions", type=int, default=100)
-        sub.add_argument("--warmup", type=int, default=3)
-        sub.add_argument("--windows", type=int, default=3)
-        sub.add_argument("--steps", type=int, default=4, help="steps per timed window")
-        sub.add_argument("--compile", action="store_true", help="torch.compile through DeepSpeed")
-        sub.add_argument("--threads", type=int, help="torch CPU threads")
-        sub.add_argument("--data-dir", help="where the synthetic shards for the batches go")
-        sub.add_argument("--out", help="JSON report")
-        sub.set_defaults(run=_bench)
+    from .bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 

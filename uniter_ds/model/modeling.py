@@ -130,6 +130,12 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.activation_checkpointing = False
 
+    def compile_layers(self) -> None:
+        """``torch.compile`` each layer in place (parameter names unchanged) with dynamic shapes:
+        the token-budget batches change length every step, and one graph per layer serves them all."""
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         key_mask = attn_mask[:, None, None, :]  # [B, 1, 1, L]: every query sees the real keys
         for layer in self.layers:

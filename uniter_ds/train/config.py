@@ -33,6 +33,7 @@ class ModelSection:
     init_from: str | None = None
     wra_weight: float = 0.1
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the encoder layers (dynamic shapes)
 
 
 @dataclass

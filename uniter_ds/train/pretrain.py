@@ -60,6 +60,8 @@ def build_model(config: ExperimentConfig) -> UniterForPretraining:
         model_config = UniterConfig.from_preset(section.preset, **section.overrides)
     model = UniterForPretraining(model_config, wra_weight=section.wra_weight)
     model.uniter.encoder.activation_checkpointing = section.activation_checkpointing
+    if section.compile:
+        model.uniter.encoder.compile_layers()
     if section.init_from:
         kind, path = section.init_from.split(":", 1)
         if kind == "bert":

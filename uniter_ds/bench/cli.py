@@ -1,0 +1,265 @@
+"""``uniter-ds bench train|compare|memory|data``: the benchmark suite's entry point.
+
+``train`` and ``compare`` take one or several token budgets (a sweep), run in this process or, with
+``--num-gpus``/``--hostfile``, under the ``deepspeed`` launcher (rank 0 reports per-GPU and total
+numbers). Every command writes a JSON report (``--out``) with PNG plots beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+LAUNCHER_OPTIONS = ("--num-gpus", "--num-nodes", "--hostfile", "--master-port")
+
+
+def _settings(args: argparse.Namespace, token_budget: int) -> Any:
+    from .train import BenchSettings
+
+    return BenchSettings(
+        preset=args.preset, precision=args.precision, zero_stage=args.zero, token_budget=token_budget,
+        accumulation=args.accumulation, tasks=args.tasks, source=args.source, data=args.data, data_dir=args.data_dir,
+        workers=args.workers, batches=args.batches, min_regions=args.min_regions, max_regions=args.max_regions,
+        warmup=args.warmup, windows=args.windows, steps=args.steps, compile=args.compile, layer_norm=args.layer_norm,
+        sdpa_backend=args.sdpa_backend, activation_checkpointing=args.activation_checkpointing,
+        profile_steps=args.profile)
+
+
+def _without_launcher_options(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in LAUNCHER_OPTIONS:
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return out
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    """Start this same bench command on every rank through the deepspeed launcher."""
+    import shutil
+
+    import torch
+
+    from .train import dataset_folder
+
+    for budget in args.token_budget:  # write the synthetic shards once, before the ranks start
+        settings = _settings(args, budget)
+        dataset_folder(settings, settings.model_config())
+    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    command = [deepspeed, "--no_local_rank"]
+    if args.hostfile:
+        command += ["--hostfile", args.hostfile]
+    if args.num_nodes:
+        command += ["--num_nodes", str(args.num_nodes)]
+    if args.num_gpus:
+        command += ["--num_gpus", str(args.num_gpus)]
+    if args.master_port:
+        command += ["--master_port", str(args.master_port)]
+    command += ["--module", "uniter_ds.cli", "bench", *_without_launcher_options(args.argv)]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    print(" ".join(command), flush=True)
+    return subprocess.call(command, env=env)
+
+
+def _print_run(run: dict[str, Any]) -> None:
+    print(f"token budget {run['token_budget']}")
+    print(f"  {'system':<12} {'samples/s':>10} {'tokens/s':>10} {'padding':>8} {'step p50':>9} {'TFLOP/s':>8} "
+          f"{'MFU':>7} {'memory':>9}")
+    for name in ("ours", "baseline"):
+        if name not in run:
+            continue
+        row = run[name]
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+        memory = row["memory"].get("device_peak_gb", row["memory"]["host_peak_rss_gb"])
+        print(f"  {name:<12} {row['samples_per_s']:>10.1f} {row['tokens_per_s']:>10.0f} "
+              f"{100 * row['padding_fraction']:>7.1f}% {row['step_time_s']['median']:>8.3f}s "
+              f"{row['tflops']:>8.3f} {mfu:>7} {memory:>7.2f}GB")
+    if run["ours"]["world_size"] > 1:
+        print(f"  ours, {run['ours']['world_size']} ranks in total: {run['ours']['total_samples_per_s']:.1f} samples/s")
+    if "speedup_samples_per_s" in run:
+        print(f"  ours / baseline: {run['speedup_samples_per_s']:.2f}x samples/s per GPU")
+    if "profile" in run["ours"]:
+        kinds = ", ".join(f"{k} {v}%" for k, v in run["ours"]["profile"]["by_kind_percent"].items())
+        print(f"  where the time goes ({run['ours']['profile']['clock']}): {kinds}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    if (args.num_gpus or args.hostfile) and "LOCAL_RANK" not in os.environ:
+        return _relaunch(args)
+    import torch
+
+    from .train import bench_baseline, bench_ours, device_peak, environment, init_distributed, with_utilisation
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world = init_distributed()
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    peak = device_peak(device, args.precision)
+    out = Path(args.out) if args.out else None
+    runs = []
+    for budget in args.token_budget:
+        settings = _settings(args, budget)
+        trace = None
+        if out and args.trace:
+            trace = out.with_name(f"{out.stem}-trace-{budget}.json")
+        run: dict[str, Any] = {"token_budget": budget,
+                               "ours": with_utilisation(bench_ours(settings, profile_trace=trace), peak)}
+        if args.bench_command == "compare" and rank == 0:
+            run["baseline"] = with_utilisation(bench_baseline(settings), peak)
+            run["speedup_samples_per_s"] = run["ours"]["samples_per_s"] / run["baseline"]["samples_per_s"]
+        runs.append(run)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if rank == 0:
+            _print_run(run)
+    if rank != 0:
+        return 0
+    settings = dataclasses.asdict(_settings(args, args.token_budget[0]))
+    settings.pop("token_budget")
+    report = {"command": "uniter-ds bench " + " ".join(_without_launcher_options(args.argv)),
+              "launcher": {"world_size": world}, "settings": settings, "environment": environment(device),
+              "peak": {"tflops": peak[0], "what": peak[1]}, "runs": runs}
+    print(f"peak: {peak[1]}")
+    if out:
+        _write(report, out, None if args.no_plots else "training")
+    return 0
+
+
+def _memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from .memory import memory_report, search_largest, subprocess_probe
+
+    on_gpu = torch.cuda.is_available()
+    limit = args.limit_gb
+    if not on_gpu and limit is None:
+        raise ValueError("bench memory on a CPU needs --limit-gb (host memory has no out-of-memory error to find)")
+    train_args = ["--preset", args.preset, "--precision", args.precision, "--zero", str(args.zero),
+                  "--tasks", *args.tasks, "--batches", "1", "--warmup", "0", "--windows", "1",
+                  "--steps", str(len(args.tasks)), "--max-regions", str(args.max_regions),
+                  "--min-regions", str(args.min_regions)]
+    if args.activation_checkpointing:
+        train_args.append("--activation-checkpointing")
+    if args.data_dir:
+        train_args += ["--data-dir", args.data_dir]
+    probe = subprocess_probe(train_args, limit, on_gpu, workdir=Path(args.out).parent if args.out else None)
+    largest, probes = search_largest(probe, args.start, args.max_budget, args.resolution)
+    what = "device peak allocation" if on_gpu else "host peak RSS of the benchmark process"
+    report = {"command": "uniter-ds bench " + " ".join(args.argv), "preset": args.preset,
+              "precision": args.precision, "zero_stage": args.zero,
+              "activation_checkpointing": args.activation_checkpointing, "tasks": args.tasks,
+              **memory_report(largest, probes, limit, what)}
+    print(f"largest token budget that fits: {largest if largest is not None else 'none'} "
+          f"({args.preset}, {args.precision}, ZeRO-{args.zero}"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}; {what})")
+    if args.out:
+        _write(report, Path(args.out), None if args.no_plots else "memory")
+    return 0 if largest is not None else 1
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .data import bench_data
+
+    def show(row: dict[str, Any]) -> None:
+        print(f"regions {row['regions']:>6}  {row['task']:<6} workers {row['workers']}  {row['samples_per_s']:>8.1f} "
+              f"samples/s  ({row['samples_per_s_per_process']:.1f} per process)  batch {row['mean_batch_size']:.1f}  "
+              f"padding {100 * row['padding_fraction']:.1f}%", flush=True)
+
+    report = bench_data(args.regions, args.tasks, args.workers, images=args.images, token_budget=args.token_budget,
+                        seconds=args.seconds, data_dir=args.data_dir, report=show)
+    report["command"] = "uniter-ds bench " + " ".join(args.argv)
+    if args.out:
+        _write(report, Path(args.out), None if args.no_plots else "data")
+    return 0
+
+
+def _write(report: dict[str, Any], out: Path, plots: str | None) -> None:
+    from . import plots as plotting
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if plots:
+        drawn = {"training": plotting.plot_training, "memory": plotting.plot_memory, "data": plotting.plot_data}[plots]
+        report["plots"] = [path.name for path in drawn(report, out)]
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}" + (f" and {', '.join(report['plots'])}" if report.get("plots") else ""))
+
+
+def add_parser(commands: Any) -> None:
+    bench = commands.add_parser("bench", help="benchmarks: training throughput, ours vs baseline, memory, data "
+                                              "loader").add_subparsers(dest="bench_command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+        sub.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+        sub.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage")
+        sub.add_argument("--tasks", nargs="+", default=["mlm", "itm", "mrfr", "mrc-kl"])
+        sub.add_argument("--min-regions", type=int, default=10)
+        sub.add_argument("--max-regions", type=int, default=100)
+        sub.add_argument("--activation-checkpointing", action="store_true")
+        sub.add_argument("--data-dir", help="where synthetic shards are written (reused across runs)")
+        sub.add_argument("--out", help="JSON report; plots are written beside it")
+        sub.add_argument("--no-plots", action="store_true")
+
+    for name, text in (("train", "our DeepSpeed engine: real optimizer steps, as in pretraining"),
+                       ("compare", "ours and the Hugging Face baseline on the same batches, and the ratio")):
+        sub = bench.add_parser(name, help=text)
+        common(sub)
+        sub.add_argument("--token-budget", type=int, nargs="+", default=[4096],
+                         help="tokens per micro-batch; several values: a sweep")
+        sub.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+        sub.add_argument("--source", choices=["memory", "shards"], default="memory",
+                         help="pre-built in-memory batches, or the live shard reader with DataLoader workers")
+        sub.add_argument("--data", help="a dataset folder to read (default: synthetic shards)")
+        sub.add_argument("--workers", type=int, default=2, help="DataLoader workers per task (--source shards)")
+        sub.add_argument("--batches", type=int, default=4, help="pre-built batches per task (--source memory)")
+        sub.add_argument("--warmup", type=int, default=3, help="steps before timing")
+        sub.add_argument("--windows", type=int, default=3, help="timed windows")
+        sub.add_argument("--steps", type=int, default=4, help="optimizer steps per timed window")
+        sub.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
+        sub.add_argument("--layer-norm", choices=["auto", "torch", "apex"], default="auto")
+        sub.add_argument("--sdpa-backend", choices=["auto", "math", "flash", "efficient", "cudnn"], default="auto")
+        sub.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                         help="then profile STEPS more steps: time by kind of operator in the report")
+        sub.add_argument("--trace", action="store_true", help="with --profile: also write a Chrome trace")
+        sub.add_argument("--threads", type=int, help="torch CPU threads")
+        for option in LAUNCHER_OPTIONS:
+            sub.add_argument(option, type=str if option == "--hostfile" else int,
+                             help="run under the deepspeed launcher" if option == "--num-gpus" else argparse.SUPPRESS)
+        sub.set_defaults(run=_train)
+
+    memory = bench.add_parser("memory", help="largest token budget per micro-batch that fits (a search of real "
+                                             "training steps)")
+    common(memory)
+    memory.add_argument("--limit-gb", type=float, help="memory limit (CPU: required; GPU: default the card's memory)")
+    memory.add_argument("--start", type=int, default=2048)
+    memory.add_argument("--max-budget", type=int, default=262144)
+    memory.add_argument("--resolution", type=int, default=512, help="stop bisecting at this many tokens")
+    memory.set_defaults(run=_memory)
+
+    data = bench.add_parser("data", help="data-loader samples/s per process, from shards on disk")
+    data.add_argument("--regions", nargs="+", default=["36", "100", "10-100"],
+                      help="regions per image: fixed (36) or drawn uniformly from a range (10-100)")
+    data.add_argument("--images", type=int, default=2000)
+    data.add_argument("--tasks", nargs="+", default=["mlm", "mrfr", "mrc-kl", "itm"])
+    data.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    data.add_argument("--token-budget", type=int, default=8192)
+    data.add_argument("--seconds", type=float, default=5.0)
+    data.add_argument("--data-dir", help="where the synthetic shards are written")
+    data.add_argument("--out", help="JSON report; a plot is written beside it")
+    data.add_argument("--no-plots", action="store_true")
+    data.set_defaults(run=_data)
