@@ -124,6 +124,34 @@ def _import_uniter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attention(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .analysis.attention import PATTERNS, write_report
+    from .export import load_encoder
+    from .model import build_batch
+    from .train.evaluate import retrieval_pairs
+
+    model = load_encoder(args.model, args.config)
+    pairs = retrieval_pairs([args.data], args.samples, None)
+    if not pairs:
+        raise ValueError(f"{args.data}: no image-text pairs to read")
+    if pairs[0].image.feat.shape[1] != model.config.img_dim:
+        raise ValueError(f"{args.data}: features are {pairs[0].image.feat.shape[1]}-d, the model expects "
+                         f"img_dim={model.config.img_dim}")
+    batch = build_batch([torch.from_numpy(p.input_ids) for p in pairs],
+                        [torch.from_numpy(p.image.feat.astype(np.float32)) for p in pairs],
+                        [torch.from_numpy(p.image.pos.copy()) for p in pairs])
+    analysis = write_report(model, batch, args.out, source=str(args.model))
+    print(f"{analysis['layers']} layers x {analysis['heads']} heads over {len(pairs)} samples")
+    print(f"{'layer':<6}" + "".join(f"{p:>19}" for p in PATTERNS))
+    for layer, counts in enumerate(analysis["pattern_counts_by_layer"]):
+        print(f"{layer:<6}" + "".join(f"{counts[p]:>19}" for p in PATTERNS))
+    print(f"wrote {args.out}/attention.json, attention_maps.png, attention_patterns.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--out", required=True)
     importer.add_argument("--overwrite", action="store_true")
     importer.set_defaults(run=_import_uniter)
+
+    attention = commands.add_parser("attention", help="per-layer, per-head attention maps of a trained model, "
+                                                      "classified into the paper's six patterns")
+    attention.add_argument("model", help="an export / save_pretrained folder, a run directory, a checkpoint, "
+                                         "or a state dict file (with --config)")
+    attention.add_argument("--data", required=True, help="a dataset folder: its first images, first caption each")
+    attention.add_argument("--samples", type=int, default=8)
+    attention.add_argument("--config", help="a UNITER json config, for a plain state dict file")
+    attention.add_argument("--out", required=True, help="folder for attention.json and the PNGs")
+    attention.set_defaults(run=_attention)
 
     from .bench.cli import add_parser as add_bench_parser
 

@@ -287,3 +287,14 @@ def import_uniter(file: str | Path, config_file: str | Path, out: str | Path, *,
         shutil.rmtree(out)
     tmp.replace(out)
     return {"out": str(out), "missing": report.missing, "unexpected": report.unexpected}
+
+
+def load_encoder(path: str | Path, config_file: str | Path | None = None) -> UniterModel:
+    """The encoder of anything this project writes: a ``save_pretrained``/export folder (``config.json``
+    + safetensors), a run's export (``RUN/export/hf``), a run directory or DeepSpeed checkpoint folder,
+    or a state dict file (with ``config_file``)."""
+    path = Path(path)
+    for folder in (path, path / "hf", path / "export" / "hf"):
+        if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+            return UniterModel.from_pretrained(folder).eval()
+    return _encoder_of(build_from(read_source(path, config_file))).eval()

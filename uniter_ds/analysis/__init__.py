@@ -1,0 +1,1 @@
+"""Analyses of trained models: attention patterns, ablations with downstream probes."""
