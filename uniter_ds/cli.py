@@ -152,6 +152,24 @@ def _attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from .analysis.ablation import ARMS, markdown_table, run_grid, write_outputs
+
+    names = args.arms or [arm.name for arm in ARMS]
+    unknown = sorted(set(names) - {arm.name for arm in ARMS})
+    if unknown:
+        raise ValueError(f"--arms: unknown {unknown}; known: {', '.join(repr(a.name) for a in ARMS)}")
+    arms = [arm for arm in ARMS if arm.name in names]
+    report = run_grid(args.config, args.out, arms=arms, seeds=args.seeds, steps=args.steps,
+                      probe_train_images=args.probe_train_images, probe_test_images=args.probe_test_images,
+                      probe_steps=args.probe_steps, num_gpus=args.num_gpus, extra=args.set)
+    report["command"] = "uniter-ds " + " ".join(["ablate", *args.argv])
+    written = write_outputs(report, args.out, plot=not args.no_plots)
+    print(markdown_table(report))
+    print(f"{report['seconds']:.0f} s; wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--config", help="a UNITER json config, for a plain state dict file")
     attention.add_argument("--out", required=True, help="folder for attention.json and the PNGs")
     attention.set_defaults(run=_attention)
+
+    ablate = commands.add_parser("ablate", help="the paper's ablations in miniature: pretrain a grid of task "
+                                                "mixes / masking / WRA settings, probe every export, Meta-Sum table")
+    ablate.add_argument("--config", required=True, help="the base experiment config every arm starts from")
+    ablate.add_argument("--out", required=True, help="folder for the runs, ablation.json/.md/.png")
+    ablate.add_argument("--arms", nargs="+", help="a subset of the arms, by name (default: all)")
+    ablate.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ablate.add_argument("--steps", type=int, default=400, help="pretraining steps per arm and seed")
+    ablate.add_argument("--num-gpus", type=int, default=2, help="ranks per run (CPU ranks without a GPU)")
+    ablate.add_argument("--probe-train-images", type=int, default=600)
+    ablate.add_argument("--probe-test-images", type=int, default=300)
+    ablate.add_argument("--probe-steps", type=int, default=300)
+    ablate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the base config for every arm")
+    ablate.add_argument("--no-plots", action="store_true")
+    ablate.set_defaults(run=_ablate)
 
     from .bench.cli import add_parser as add_bench_parser
 

@@ -157,7 +157,8 @@ def _memory(args: argparse.Namespace) -> int:
         train_args.append("--activation-checkpointing")
     if args.data_dir:
         train_args += ["--data-dir", args.data_dir]
-    probe = subprocess_probe(train_args, limit, on_gpu, workdir=Path(args.out).parent if args.out else None)
+    workdir = Path(args.out).with_suffix("") if args.out else None  # REPORT/ holds each probe's own report
+    probe = subprocess_probe(train_args, limit, on_gpu, workdir=workdir)
     largest, probes = search_largest(probe, args.start, args.max_budget, args.resolution)
     what = "device peak allocation" if on_gpu else "host peak RSS of the benchmark process"
     report = {"command": "uniter-ds bench " + " ".join(args.argv), "preset": args.preset,

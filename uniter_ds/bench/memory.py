@@ -82,6 +82,7 @@ def subprocess_probe(train_args: list[str], limit_gb: float | None, on_gpu: bool
                      log: Callable[[str], None] = print) -> Callable[[int], Probe]:
     """A probe running ``uniter-ds bench train <train_args> --token-budget B`` in a fresh process."""
     folder = Path(workdir or tempfile.mkdtemp(prefix="uniter-ds-memory-"))
+    folder.mkdir(parents=True, exist_ok=True)
 
     def probe(budget: int) -> Probe:
         out = folder / f"probe-{budget}.json"

@@ -86,6 +86,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_config(lr: float, betas: list[float], eps: float, weight_decay: float, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's FusedAdam on GPU; on CPU, where that CUDA op cannot build, torch's AdamW with its
+    fused CPU kernel (one pass per parameter instead of ~8 elementwise ops: on the base model at a
+    1024-token budget the optimizer step was ~7% of a CPU step before)."""
+    params: dict[str, Any] = {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay,
+                              "torch_adam": not on_gpu, "adam_w_mode": True}
+    if not on_gpu:
+        params["fused"] = True
+    return {"type": "AdamW", "params": params}
+
+
 def deepspeed_config(config: ExperimentConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed file (ZeRO stage, precision, ...) plus what the experiment config owns."""
     path = Path(config.deepspeed_config)
@@ -99,10 +110,7 @@ def deepspeed_config(config: ExperimentConfig, world_size: int, on_gpu: bool) ->
         "gradient_accumulation_steps": optim.grad_accum,
         "train_batch_size": optim.grad_accum * world_size,
         "gradient_clipping": optim.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-            # FusedAdam on GPU; torch's AdamW on CPU, where the fused CUDA op cannot build.
-            "torch_adam": not on_gpu, "adam_w_mode": True}},
+        "optimizer": optimizer_config(optim.lr, list(optim.betas), optim.eps, optim.weight_decay, on_gpu),
         "scheduler": {"type": "WarmupDecayLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": max(1, optim.warmup_steps),
             "total_num_steps": optim.total_steps, "warmup_type": "linear"}},
