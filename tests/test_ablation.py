@@ -12,6 +12,7 @@ import torch
 from uniter_ds.analysis.ablation import ARMS, Arm, markdown_table, summarize
 from uniter_ds.analysis.probes import average_precision, extract, probe_pairs, train_linear
 from uniter_ds.data import synth_dataset
+from uniter_ds.data.synth import FUNCTION_WORDS, SPECIAL_TOKENS
 from uniter_ds.model import UniterModel
 
 from .launcher import ROOT, cpu_env, free_port
@@ -49,18 +50,24 @@ def test_probe_features_pair_each_caption_with_an_image_sharing_no_class(tmp_pat
     pairs = probe_pairs(tmp_path / "d", 20)
     torch.manual_seed(0)
     features = extract(UniterModel(tiny_config), pairs, 12, batch_size=7)
-    regions = sum(len(p.image.feat) for p in pairs)
     assert features.pooled.shape == features.pooled_mismatched.shape == (20, tiny_config.hidden_size)
-    assert features.region_states.shape == (regions, tiny_config.hidden_size)
-    assert features.region_classes.tolist() == [c for p in pairs for c in p.image.extra["classes"]]
     assert features.objects.sum(1).tolist() == [len(set(p.image.extra["classes"])) for p in pairs]
+    first_object = len(SPECIAL_TOKENS) + len(FUNCTION_WORDS)
+    object_words = [int(t) - first_object for p in pairs for t in p.input_ids if t >= first_object]
+    assert len(features.grounding_hits) == len(object_words) > 0
+    # Chance of each word: the share of its image's regions showing its object (captions name present ones).
+    expected = [sum(c == w for c in p.image.extra["classes"]) / len(p.image.extra["classes"])
+                for p in pairs for w in (int(t) - first_object for t in p.input_ids if t >= first_object)]
+    torch.testing.assert_close(features.grounding_chance, torch.tensor(expected))
+    assert (features.grounding_chance > 0).all()
     assert not torch.allclose(features.pooled, features.pooled_mismatched)
 
 
 def test_summary_is_mean_and_spread_over_seeds():
-    rows = [{"arm": "itm", "seed": s, "probes": {"objects": o, "match": m, "regions": r, "meta_sum": 100 * (o + m + r)},
-             "held_out": {"val/itm/acc": a}} for s, (o, m, r, a) in enumerate([(0.5, 0.6, 0.7, 0.8),
-                                                                              (0.7, 0.8, 0.9, 0.6)])]
+    scores = [(0.5, 0.6, 0.7, 0.8), (0.7, 0.8, 0.9, 0.6)]
+    rows = [{"arm": "itm", "seed": s, "held_out": {"val/itm/acc": a},
+             "probes": {"objects": o, "match": m, "grounding": g, "meta_sum": 100 * (o + m + g)}}
+            for s, (o, m, g, a) in enumerate(scores)]
     summary = summarize(rows, [Arm("itm", {"itm": 1}, paper_row="L4"), Arm("mlm", {"mlm": 1})])
     assert len(summary) == 1  # arms without rows are left out
     entry = summary[0]
@@ -93,9 +100,9 @@ def test_ablate_command_runs_pretraining_arms_and_probes_them(tmp_path):
     assert none["held_out"] == {} and 0 <= itm["held_out"]["val/itm/acc"] <= 1
     assert json.loads((out / "itm" / "seed3" / "result.json").read_text())["last_step"] == 4
     for row in report["rows"]:
-        assert set(row["probes"]) == {"objects", "match", "regions", "meta_sum"}
+        assert set(row["probes"]) == {"objects", "match", "grounding", "meta_sum", "grounding_chance"}
         assert row["probes"]["meta_sum"] == pytest.approx(100 * sum(row["probes"][k] for k in
-                                                                    ("objects", "match", "regions")))
+                                                                    ("objects", "match", "grounding")))
     assert "| none | L1 (no pretraining) |" in (out / "ablation.md").read_text()
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     bad = subprocess.run([*command[:3], "ablate", "--config", str(config), "--out", str(out), "--arms", "mrm"],

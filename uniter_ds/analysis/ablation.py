@@ -152,7 +152,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         spread = f" ± {scale * value['std']:.{digits}f}" if value["n"] > 1 else ""
         return f"{scale * value['mean']:.{digits}f}{spread}"
 
-    header = ["arm", "paper", "objects AP", "match acc", "regions acc", "Meta-Sum", *ZERO_SHOT]
+    header = ["arm", "paper", "objects AP", "match acc", "grounding acc", "Meta-Sum", *ZERO_SHOT]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in report["summary"]:
         lines.append("| " + " | ".join([entry["arm"], entry["paper_row"], *(cell(entry[p]) for p in PROBES),
