@@ -120,21 +120,25 @@ def test_bench_cli_writes_every_field(tmp_path, command):
 
 def test_bench_under_the_launcher_gathers_every_rank(tmp_path):
     """2 CPU ranks, the live shard reader, accumulation 2: rank 0 reports per-GPU and total numbers that
-    add up over the ranks, and each rank counted exactly the samples of the micro-batches it stepped."""
+    add up over the ranks, for ours and for the DDP baseline."""
     out = tmp_path / "report.json"
-    result = run_cli(["bench", "train", "--num-gpus", "2", "--master-port", str(free_port()), "--preset", "tiny",
+    result = run_cli(["bench", "compare", "--num-gpus", "2", "--master-port", str(free_port()), "--preset", "tiny",
                       "--precision", "fp32", "--zero", "2", "--token-budget", "700", "--source", "shards",
                       "--workers", "1", "--accumulation", "2", "--warmup", "1", "--windows", "1", "--steps", "2",
                       "--tasks", "mlm", "mrfr", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-plots"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     report = json.loads(out.read_text())
-    ours = report["runs"][0]["ours"]
-    assert report["launcher"]["world_size"] == 2 and ours["world_size"] == 2
-    assert "--num-gpus" not in report["command"]
-    per_rank = ours["per_rank_samples_per_s"]
-    assert len(per_rank) == 2 and all(rate > 0 for rate in per_rank)
-    assert ours["total_samples_per_s"] == pytest.approx(sum(per_rank))
-    assert ours["samples_per_s"] == pytest.approx(sum(per_rank) / 2)
+    run = report["runs"][0]
+    assert report["launcher"]["world_size"] == 2 and "--num-gpus" not in report["command"]
+    for system in ("ours", "baseline"):
+        result = run[system]
+        per_rank = result["per_rank_samples_per_s"]
+        assert result["world_size"] == 2 and len(per_rank) == 2 and all(rate > 0 for rate in per_rank)
+        assert result["total_samples_per_s"] == pytest.approx(sum(per_rank))
+        assert result["samples_per_s"] == pytest.approx(sum(per_rank) / 2)
+    assert "DDP" in run["baseline"]["system"]
+    ratio = run["ours"]["samples_per_s"] / run["baseline"]["samples_per_s"]
+    assert run["speedup_samples_per_s"] == pytest.approx(ratio)
     assert report["settings"]["accumulation"] == 2 and report["settings"]["source"] == "shards"
 
 

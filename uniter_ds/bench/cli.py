@@ -92,6 +92,9 @@ def _print_run(run: dict[str, Any]) -> None:
         print(f"  ours, {run['ours']['world_size']} ranks in total: {run['ours']['total_samples_per_s']:.1f} samples/s")
     if "speedup_samples_per_s" in run:
         print(f"  ours / baseline: {run['speedup_samples_per_s']:.2f}x samples/s per GPU")
+        if run["baseline"]["world_size"] > 1:
+            print(f"  baseline, {run['baseline']['world_size']} ranks in total: "
+                  f"{run['baseline']['total_samples_per_s']:.1f} samples/s")
     if "profile" in run["ours"]:
         kinds = ", ".join(f"{k} {v}%" for k, v in run["ours"]["profile"]["by_kind_percent"].items())
         print(f"  where the time goes ({run['ours']['profile']['clock']}): {kinds}")
@@ -118,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
             trace = out.with_name(f"{out.stem}-trace-{budget}.json")
         run: dict[str, Any] = {"token_budget": budget,
                                "ours": with_utilisation(bench_ours(settings, profile_trace=trace), peak)}
-        if args.bench_command == "compare" and rank == 0:
+        if args.bench_command == "compare":
             run["baseline"] = with_utilisation(bench_baseline(settings), peak)
             run["speedup_samples_per_s"] = run["ours"]["samples_per_s"] / run["baseline"]["samples_per_s"]
         runs.append(run)

@@ -418,11 +418,19 @@ def gather_ranks(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_baseline(settings: BenchSettings) -> dict[str, Any]:
-    """Eager transformers BERT + torch AMP + torch.optim.AdamW, one process (DDP adds nothing on 1 rank)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Eager transformers BERT + torch AMP + torch.optim.AdamW; under the launcher wrapped in DDP
+    (every rank its own batches, gradients all-reduced), alone a plain module."""
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world = init_distributed()
+    device = torch.device(get_accelerator().current_device_name())
     config = settings.model_config()
     torch.manual_seed(0)
     model = BaselineUniter.from_uniter(UniterForPretraining(config)).to(device).train()
+    if world > 1:
+        # Each step trains one task's head: the other heads get no gradient that step.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     scaler = torch.amp.GradScaler(enabled=settings.precision == "fp16" and device.type == "cuda")
@@ -441,14 +449,14 @@ def bench_baseline(settings: BenchSettings) -> dict[str, Any]:
     def padded(batch: UniterBatch) -> int:
         return batch.batch_size * BaselineUniter.sequence_length(batch)
 
-    feed = step_batches(settings, config, device)
+    feed = step_batches(settings, config, device, rank, world)
     result = measure(step, feed, device, settings, padded, config)
-    result |= {"system": "baseline (transformers BertModel, padded layout, full-sequence heads, AdamW)",
-               "precision": settings.precision, "world_size": 1,
-               "total_samples_per_s": result["samples_per_s"], "total_tokens_per_s": result["tokens_per_s"],
+    result |= {"system": "baseline (transformers BertModel, padded layout, full-sequence heads, AdamW"
+                         + (", DDP)" if world > 1 else ")"),
+               "precision": settings.precision,
                "kernels": {"attention": "eager (transformers)", "layer_norm": "torch", "optimizer": "torch AdamW"},
                "memory": _memory(device)}
-    return result
+    return gather_ranks(result)
 
 
 def with_utilisation(result: dict[str, Any], peak: tuple[float, str]) -> dict[str, Any]:
