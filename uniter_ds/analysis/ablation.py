@@ -183,9 +183,12 @@ def write_outputs(report: dict[str, Any], out: str | Path, plot: bool = True) ->
                      yerr=[100 * e[probe]["std"] for e in summary], label=probe, capsize=2)
         axis.set_xticks([x + width for x in range(len(summary))], [e["arm"].replace("+", "+\n") for e in summary],
                         fontsize=6)
+        chance = statistics.fmean(r["probes"]["grounding_chance"] for r in report["rows"])
+        axis.axhline(50, color="tab:orange", linestyle=":", linewidth=1, label="match chance")
+        axis.axhline(100 * chance, color="tab:green", linestyle=":", linewidth=1, label="grounding chance")
         axis.set_ylabel("probe score (%)")
         axis.set_title(f"Ablation, {report['steps']} steps, seeds {seeds} (Meta-Sum = sum of the three)", fontsize=9)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
         figure.tight_layout()
         written.append(out / "ablation.png")
         figure.savefig(written[-1], dpi=110)
