@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,25 +47,16 @@ def _without_launcher_options(argv: list[str]) -> list[str]:
 
 def _relaunch(args: argparse.Namespace) -> int:
     """Start this same bench command on every rank through the deepspeed launcher."""
-    import shutil
-
     import torch
 
+    from ..train.launch import launcher_options
     from .train import dataset_folder
 
     for budget in args.token_budget:  # write the synthetic shards once, before the ranks start
         settings = _settings(args, budget)
         dataset_folder(settings, settings.model_config())
-    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    command = [deepspeed, "--no_local_rank"]
-    if args.hostfile:
-        command += ["--hostfile", args.hostfile]
-    if args.num_nodes:
-        command += ["--num_nodes", str(args.num_nodes)]
-    if args.num_gpus:
-        command += ["--num_gpus", str(args.num_gpus)]
-    if args.master_port:
-        command += ["--master_port", str(args.master_port)]
+    # The ranks read LOCAL_RANK from the environment instead of a --local_rank argument.
+    command = [*launcher_options(args, torch.cuda.is_available()), "--no_local_rank"]
     command += ["--module", "uniter_ds.cli", "bench", *_without_launcher_options(args.argv)]
     env = dict(os.environ)
     if not torch.cuda.is_available():

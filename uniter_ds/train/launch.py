@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the launcher command, start nothing")
 
 
-def launcher_command(args: argparse.Namespace, on_gpu: bool) -> list[str]:
+def launcher_options(args: argparse.Namespace, on_gpu: bool) -> list[str]:
+    """``deepspeed`` and its placement options (also used by ``uniter-ds bench --num-gpus``)."""
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     command = [deepspeed]
     if args.hostfile:
@@ -45,14 +46,19 @@ def launcher_command(args: argparse.Namespace, on_gpu: bool) -> list[str]:
         num_gpus = 2
     if num_gpus is not None:
         command += ["--num_gpus", str(num_gpus)]
-    if args.master_addr:
+    if getattr(args, "master_addr", None):
         command += ["--master_addr", args.master_addr]
     if args.master_port:
         command += ["--master_port", str(args.master_port)]
-    if args.no_ssh:
+    if getattr(args, "no_ssh", False):
         if args.node_rank is None:
             raise ValueError("--no-ssh needs --node-rank")
         command += ["--no_ssh", "--node_rank", str(args.node_rank)]
+    return command
+
+
+def launcher_command(args: argparse.Namespace, on_gpu: bool) -> list[str]:
+    command = launcher_options(args, on_gpu)
     command += ["--module", "uniter_ds.train.pretrain", "--config", str(args.config)]
     for assignment in args.set:
         command += ["--set", assignment]
