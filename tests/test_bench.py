@@ -174,6 +174,7 @@ def test_bench_memory_cli_probes_real_steps(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["largest_token_budget"] == 1024
+    assert {"device", "git_commit", "versions", "date"} <= set(report["environment"])
     assert [p["token_budget"] for p in report["probes"]] == [512, 1024]
     assert all(0.1 < p["peak_gb"] < 100 for p in report["probes"])
     assert_plots(report, tmp_path, 1)

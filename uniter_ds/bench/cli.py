@@ -154,8 +154,11 @@ def _memory(args: argparse.Namespace) -> int:
     probe = subprocess_probe(train_args, limit, on_gpu, workdir=workdir)
     largest, probes = search_largest(probe, args.start, args.max_budget, args.resolution)
     what = "device peak allocation" if on_gpu else "host peak RSS of the benchmark process"
-    report = {"command": "uniter-ds bench " + " ".join(args.argv), "preset": args.preset,
-              "precision": args.precision, "zero_stage": args.zero,
+    from .train import environment
+
+    device = torch.device("cuda" if on_gpu else "cpu")
+    report = {"command": "uniter-ds bench " + " ".join(args.argv), "environment": environment(device),
+              "preset": args.preset, "precision": args.precision, "zero_stage": args.zero,
               "activation_checkpointing": args.activation_checkpointing, "tasks": args.tasks,
               **memory_report(largest, probes, limit, what)}
     print(f"largest token budget that fits: {largest if largest is not None else 'none'} "
