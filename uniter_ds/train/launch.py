@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def launcher_options(args: argparse.Namespace, on_gpu: bool) -> list[str]:
     """``deepspeed`` and its placement options (also used by ``uniter-ds bench --num-gpus``)."""
-    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    # The launcher of this interpreter's environment first: another venv's `deepspeed` on PATH would
+    # start the ranks with that venv's Python and its copy of this package.
+    beside = Path(sys.executable).with_name("deepspeed")
+    deepspeed = str(beside) if beside.exists() else shutil.which("deepspeed") or "deepspeed"
     command = [deepspeed]
     if args.hostfile:
         command += ["--hostfile", args.hostfile]
