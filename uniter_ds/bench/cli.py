@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def _settings(args: argparse.Namespace, token_budget: int) -> Any:
         workers=args.workers, batches=args.batches, min_regions=args.min_regions, max_regions=args.max_regions,
         warmup=args.warmup, windows=args.windows, steps=args.steps, compile=args.compile, layer_norm=args.layer_norm,
         sdpa_backend=args.sdpa_backend, activation_checkpointing=args.activation_checkpointing,
-        profile_steps=args.profile)
+        profile_steps=args.profile, optimizer=args.optimizer, deepspeed_config=args.deepspeed_config)
 
 
 def _without_launcher_options(argv: list[str]) -> list[str]:
@@ -67,27 +68,31 @@ def _relaunch(args: argparse.Namespace) -> int:
 
 def _print_run(run: dict[str, Any]) -> None:
     print(f"token budget {run['token_budget']}")
-    print(f"  {'system':<12} {'samples/s':>10} {'tokens/s':>10} {'padding':>8} {'step p50':>9} {'TFLOP/s':>8} "
-          f"{'MFU':>7} {'memory':>9}")
+    print(f"  {'system':<9} {'samples/s':>10} {'tokens/s':>10} {'tokens/mb':>9} {'padding':>8} {'step p50':>9} "
+          f"{'TFLOP/s':>8} {'MFU':>7} {'memory':>9}")
     for name in ("ours", "baseline"):
         if name not in run:
             continue
         row = run[name]
+        if row.get("status", "ok") != "ok":
+            print(f"  {name:<9} {row['status']}: {row.get('error', '')}")
+            continue
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
         memory = row["memory"].get("device_peak_gb", row["memory"]["host_peak_rss_gb"])
-        print(f"  {name:<12} {row['samples_per_s']:>10.1f} {row['tokens_per_s']:>10.0f} "
-              f"{100 * row['padding_fraction']:>7.1f}% {row['step_time_s']['median']:>8.3f}s "
-              f"{row['tflops']:>8.3f} {mfu:>7} {memory:>7.2f}GB")
-    if run["ours"]["world_size"] > 1:
-        print(f"  ours, {run['ours']['world_size']} ranks in total: {run['ours']['total_samples_per_s']:.1f} samples/s")
+        print(f"  {name:<9} {row['samples_per_s']:>10.1f} {row['tokens_per_s']:>10.0f} "
+              f"{row['mean_real_tokens_per_micro_batch']:>9.0f} {100 * row['padding_fraction']:>7.1f}% "
+              f"{row['step_time_s']['median']:>8.3f}s {row['tflops']:>8.3f} {mfu:>7} {memory:>7.2f}GB")
+    ours = run.get("ours", {})
+    if ours.get("status") == "ok" and ours["world_size"] > 1:
+        print(f"  ours, {ours['world_size']} ranks in total: {ours['total_samples_per_s']:.1f} samples/s")
     if "speedup_samples_per_s" in run:
         print(f"  ours / baseline: {run['speedup_samples_per_s']:.2f}x samples/s per GPU")
-        if run["baseline"]["world_size"] > 1:
-            print(f"  baseline, {run['baseline']['world_size']} ranks in total: "
-                  f"{run['baseline']['total_samples_per_s']:.1f} samples/s")
-    if "profile" in run["ours"]:
-        kinds = ", ".join(f"{k} {v}%" for k, v in run["ours"]["profile"]["by_kind_percent"].items())
-        print(f"  where the time goes ({run['ours']['profile']['clock']}): {kinds}")
+    if "profile" in ours:
+        profile = ours["profile"]
+        kinds = ", ".join(f"{k} {v}%" for k, v in profile["by_kind_percent"].items())
+        print(f"  where the time goes ({profile['clock']}, {profile['busy_ms_per_step']:.1f} of "
+              f"{profile['wall_ms_per_step']:.1f} ms per step): {kinds}")
+    sys.stdout.flush()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -95,50 +100,86 @@ def _train(args: argparse.Namespace) -> int:
         return _relaunch(args)
     import torch
 
-    from .train import bench_baseline, bench_ours, device_peak, environment, init_distributed, with_utilisation
+    from ..train.distributed import init_distributed
+    from .train import (
+        bench_baseline,
+        bench_ours,
+        default_precision,
+        device_peak,
+        environment,
+        with_utilisation,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world = init_distributed()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    rank, world, device = init_distributed()
+    if args.precision is None:
+        args.precision = default_precision(device.type == "cuda")
     peak = device_peak(device, args.precision)
     out = Path(args.out) if args.out else None
-    runs = []
-    for budget in args.token_budget:
-        settings = _settings(args, budget)
-        trace = None
-        if out and args.trace:
-            trace = out.with_name(f"{out.stem}-trace-{budget}.json")
-        run: dict[str, Any] = {"token_budget": budget,
-                               "ours": with_utilisation(bench_ours(settings, profile_trace=trace), peak)}
-        if args.bench_command == "compare":
-            run["baseline"] = with_utilisation(bench_baseline(settings), peak)
-            run["speedup_samples_per_s"] = run["ours"]["samples_per_s"] / run["baseline"]["samples_per_s"]
-        runs.append(run)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if rank == 0:
-            _print_run(run)
+    budgets = sorted(set(args.token_budget))
+    profile_budget = args.profile_budget or budgets[-1]
+    if args.profile and profile_budget not in budgets:
+        raise ValueError(f"--profile-budget {profile_budget} is not one of the token budgets {budgets}")
+    settings = dataclasses.asdict(_settings(args, budgets[0]))
+    settings.pop("token_budget")
+    report: dict[str, Any] = {
+        "command": "uniter-ds bench " + " ".join(_without_launcher_options(args.argv)),
+        "launcher": {"world_size": world}, "settings": settings, "environment": environment(device),
+        "peak": {"tflops": peak[0], "what": peak[1]}, "complete": False,
+        "runs": [{"token_budget": budget} for budget in budgets]}
+    by_budget = {run["token_budget"]: run for run in report["runs"]}
+
+    def recorder(system: str) -> Any:
+        def record(budget: int, result: dict[str, Any]) -> None:
+            run = by_budget[budget]
+            run[system] = with_utilisation(result, peak)
+            both = [run.get(name, {}) for name in ("ours", "baseline")]
+            if all(r.get("status") == "ok" for r in both):
+                run["speedup_samples_per_s"] = both[0]["samples_per_s"] / both[1]["samples_per_s"]
+            if rank == 0:
+                _print_run(run)
+                if out:  # after every measurement: a later failure loses nothing measured before it
+                    _write(report, out, None)
+
+        return record
+
+    trace = None
+    if out and args.trace:
+        def trace(budget: int) -> Path:
+            return out.with_name(f"{out.stem}-trace-{budget}.json")
+
+    bench_ours(_settings(args, budgets[0]), budgets, recorder("ours"), profile_budget, trace)
+    _release_memory()
+    if args.bench_command == "compare":
+        bench_baseline(_settings(args, budgets[0]), budgets, recorder("baseline"))
+        _release_memory()
     if rank != 0:
         return 0
-    settings = dataclasses.asdict(_settings(args, args.token_budget[0]))
-    settings.pop("token_budget")
-    report = {"command": "uniter-ds bench " + " ".join(_without_launcher_options(args.argv)),
-              "launcher": {"world_size": world}, "settings": settings, "environment": environment(device),
-              "peak": {"tflops": peak[0], "what": peak[1]}, "runs": runs}
+    report["complete"] = True
     print(f"peak: {peak[1]}")
     if out:
         _write(report, out, None if args.no_plots else "training")
     return 0
 
 
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _memory(args: argparse.Namespace) -> int:
     import torch
 
     from .memory import memory_report, search_largest, subprocess_probe
+    from .train import default_precision
 
     on_gpu = torch.cuda.is_available()
+    if args.precision is None:
+        args.precision = default_precision(on_gpu)
     limit = args.limit_gb
     if not on_gpu and limit is None:
         raise ValueError("bench memory on a CPU needs --limit-gb (host memory has no out-of-memory error to find)")
@@ -186,14 +227,35 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _write(report: dict[str, Any], out: Path, plots: str | None) -> None:
+    """The JSON report (written whole to a temporary file, then renamed), plots beside it."""
     from . import plots as plotting
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if plots:
         drawn = {"training": plotting.plot_training, "memory": plotting.plot_memory, "data": plotting.plot_data}[plots]
-        report["plots"] = [path.name for path in drawn(report, out)]
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}" + (f" and {', '.join(report['plots'])}" if report.get("plots") else ""))
+        try:
+            report["plots"] = [path.name for path in drawn(_measured_only(report), out)]
+        except Exception as error:  # noqa: BLE001 - a failed plot must not cost the numbers
+            report["plots"] = []
+            report["plot_error"] = f"{type(error).__name__}: {error}"
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(out)
+    if plots:
+        print(f"wrote {out}" + (f" and {', '.join(report['plots'])}" if report.get("plots") else ""))
+
+
+def _measured_only(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with only the measurements that finished (the plots' input)."""
+    if "runs" not in report:
+        return report
+    runs = []
+    for run in report["runs"]:
+        kept = {key: value for key, value in run.items()
+                if not isinstance(value, dict) or value.get("status", "ok") == "ok"}
+        if "ours" in kept:
+            runs.append(kept)
+    return report | {"runs": runs}
 
 
 def add_parser(commands: Any) -> None:
@@ -202,7 +264,8 @@ def add_parser(commands: Any) -> None:
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
-        sub.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+        sub.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                         help="default: bf16 on a GPU or on a CPU with native bf16 (AVX512-BF16, AMX), else fp32")
         sub.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage")
         sub.add_argument("--tasks", nargs="+", default=["mlm", "itm", "mrfr", "mrc-kl"])
         sub.add_argument("--min-regions", type=int, default=10)
@@ -234,6 +297,11 @@ def add_parser(commands: Any) -> None:
                          help="then profile STEPS more steps: time by kind of operator in the report")
         sub.add_argument("--trace", action="store_true", help="with --profile: also write a Chrome trace")
         sub.add_argument("--threads", type=int, help="torch CPU threads")
+        sub.add_argument("--profile-budget", type=int, help="the token budget to profile (default: the largest)")
+        sub.add_argument("--optimizer", choices=["torch", "deepspeed"], default="torch",
+                         help="AdamW: torch's fused kernel, or DeepSpeed's FusedAdam (a CUDA op built at first use)")
+        sub.add_argument("--deepspeed-config", help="a DeepSpeed JSON to measure (precision and ZeRO stage are read "
+                                                    "from it); default ds_configs/zero{Z}_{P}.json")
         for option in LAUNCHER_OPTIONS:
             sub.add_argument(option, type=str if option == "--hostfile" else int,
                              help="run under the deepspeed launcher" if option == "--num-gpus" else argparse.SUPPRESS)

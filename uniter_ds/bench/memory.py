@@ -27,6 +27,7 @@ class Probe:
     fits: bool
     peak_gb: float | None
     reason: str
+    actual_tokens: float | None = None  # mean tokens per micro-batch actually run (padding included)
 
 
 def search_largest(probe: Callable[[int], Probe], start: int, maximum: int, resolution: int
@@ -97,12 +98,18 @@ def subprocess_probe(train_args: list[str], limit_gb: float | None, on_gpu: bool
                 raise RuntimeError(f"memory probe at token budget {budget} failed (exit {result.returncode}), "
                                    f"not for lack of memory:\n{text[-3000:]}")
         else:
-            memory = json.loads(out.read_text())["runs"][0]["ours"]["memory"]
-            peak = memory["device_peak_gb"] if on_gpu else memory["host_peak_rss_gb"]
-            fits = limit_gb is None or peak <= limit_gb
-            what = "device peak" if on_gpu else "host peak RSS"
-            found = Probe(budget, fits, peak, f"{what} {peak:.2f} GB" + ("" if limit_gb is None else
-                                                                       f" {'<=' if fits else '>'} {limit_gb:g} GB"))
+            ours = json.loads(out.read_text())["runs"][0]["ours"]
+            if ours.get("status", "ok") != "ok":
+                found = Probe(budget, False, None, ours["status"])
+            else:
+                memory = ours["memory"]
+                peak = memory["device_peak_gb"] if on_gpu else memory["host_peak_rss_gb"]
+                fits = limit_gb is None or peak <= limit_gb
+                what = "device peak" if on_gpu else "host peak RSS"
+                tokens = ours["mean_padded_tokens_per_micro_batch"]
+                found = Probe(budget, fits, peak, f"{what} {peak:.2f} GB" + (
+                    "" if limit_gb is None else f" {'<=' if fits else '>'} {limit_gb:g} GB")
+                    + f"; {tokens:.0f} tokens per micro-batch run", tokens)
         log(f"token budget {budget:>7}: {'fits' if found.fits else 'does not fit'} ({found.reason})")
         return found
 
@@ -110,5 +117,7 @@ def subprocess_probe(train_args: list[str], limit_gb: float | None, on_gpu: bool
 
 
 def memory_report(largest: int | None, probes: list[Probe], limit_gb: float | None, what: str) -> dict[str, Any]:
-    return {"largest_token_budget": largest, "limit_gb": limit_gb, "measured": what,
+    actual = next((p.actual_tokens for p in probes if p.token_budget == largest and p.fits), None)
+    return {"largest_token_budget": largest, "largest_actual_tokens_per_micro_batch": actual,
+            "limit_gb": limit_gb, "measured": what,
             "probes": [asdict(p) for p in probes]}

@@ -12,7 +12,10 @@ rank measures its own steps and rank 0 gathers them into per-GPU and total numbe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import itertools
+import json
 import os
 import platform
 import resource
@@ -33,11 +36,22 @@ from ..data import LoaderConfig, TaskStream, build_loader, synth_dataset
 from ..model import UniterConfig, UniterForPretraining
 from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels, sdpa_backend
+from ..train.distributed import init_distributed
 from .baseline import BaselineUniter
 from .flops import training_flops
 
-# Dense bf16/fp16 peaks (TFLOP/s) by device name, without sparsity; PERFORMANCE.md.
-GPU_PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0}
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, without sparsity) from the datasheets, matched against
+# torch.cuda.get_device_name in this order: the first pattern found in the name wins, so the PCIe and
+# NVL cards come before the SXM parts, whose names carry no form factor ("NVIDIA H100 80GB HBM3").
+GPU_PEAKS: tuple[tuple[str, float, str], ...] = (
+    ("H200 NVL", 835.0, "H200 NVL"),
+    ("H200", 989.0, "H200 SXM"),
+    ("H100 NVL", 835.0, "H100 NVL"),
+    ("H100 PCIe", 756.0, "H100 PCIe"),
+    ("H100", 989.0, "H100 SXM"),
+    ("A100", 312.0, "A100"),
+    ("V100", 125.0, "V100 (fp16)"),
+)
 
 
 @dataclass
@@ -65,6 +79,8 @@ class BenchSettings:
     sdpa_backend: str = "auto"  # auto | math | flash | efficient | cudnn
     activation_checkpointing: bool = False
     profile_steps: int = 0  # extra steps under torch.profiler after the timed windows
+    optimizer: str = "torch"  # torch: torch's fused AdamW | deepspeed: DeepSpeed's FusedAdam (JIT-built)
+    deepspeed_config: str | None = None  # a DeepSpeed JSON (precision and ZeRO stage are read from it)
 
     def __post_init__(self) -> None:
         checks = {"precision": self.precision in ("bf16", "fp16", "fp32"), "zero_stage": self.zero_stage in range(4),
@@ -72,7 +88,8 @@ class BenchSettings:
                   "source": self.source in ("memory", "shards"), "layer_norm": self.layer_norm in ("auto", "torch",
                                                                                                      "apex"),
                   "warmup": self.warmup >= 0, "windows": self.windows >= 1, "steps": self.steps >= 1,
-                  "batches": self.batches >= 1, "tasks": bool(self.tasks)}
+                  "batches": self.batches >= 1, "tasks": bool(self.tasks),
+                  "optimizer": self.optimizer in ("torch", "deepspeed")}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError("bench settings: invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
@@ -86,15 +103,40 @@ class BenchSettings:
 # ---------------------------------------------------------------------------------------------
 
 
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU computes bf16 matmuls natively (x86: AVX512-BF16 or AMX-BF16; Arm: BF16).
+    Without it PyTorch emulates bf16 and a layer runs ~25x slower than in fp32 (measured on AVX2)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def default_precision(on_gpu: bool, flags: set[str] | None = None) -> str:
+    """bf16 on GPUs and on CPUs that have it natively; fp32 on other CPUs."""
+    return "bf16" if on_gpu or cpu_native_bf16(flags) else "fp32"
+
+
+def gpu_peak(name: str) -> tuple[float, str]:
+    for pattern, peak, card in GPU_PEAKS:
+        if pattern in name:
+            return peak, f"{name} = {card}: dense bf16/fp16 peak {peak:g} TFLOP/s (datasheet)"
+    return float("nan"), f"{name}: no peak in the table"
+
+
 def device_peak(device: torch.device, precision: str = "fp32") -> tuple[float, str]:
-    """(TFLOP/s, what it is): a datasheet table for GPUs; on CPU a measured matmul peak in the
-    benchmark's precision (bf16 matmuls run ~2.7x faster than fp32 on this project's AVX512-BF16 CPU)."""
+    """(TFLOP/s, what it is): the datasheet table for GPUs; on CPU a measured 1024^3 matmul peak in
+    the benchmark's precision (whether bf16 is fast depends on the CPU: see :func:`cpu_native_bf16`)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAKS.items():
-            if key in name:
-                return peak, f"{name}: dense bf16/fp16 peak {peak} TFLOP/s (datasheet)"
-        return float("nan"), f"{name}: no peak in the table"
+        return gpu_peak(torch.cuda.get_device_name(device))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     n, repeats = 1024, 10
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -108,7 +150,7 @@ def device_peak(device: torch.device, precision: str = "fp32") -> tuple[float, s
         best = min(best, time.perf_counter() - start)
     tflops = 2 * n**3 * repeats / best / 1e12
     return tflops, (f"CPU: measured {precision} {n}^3 matmul, {torch.get_num_threads()} threads "
-                    f"({tflops:.3f} TFLOP/s)")
+                    f"({tflops:.3f} TFLOP/s; native bf16: {'yes' if cpu_native_bf16() else 'no'})")
 
 
 def synchronize(device: torch.device) -> None:
@@ -126,25 +168,81 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    import deepspeed
-    import transformers
+def git_commit(where: Path | None = None) -> str:
+    """The checkout's commit: ``git`` when there is one, else read from ``.git`` directly (the GPU
+    machines have no git binary, and a copy of the tree may have no .git: there the caller can say it
+    in ``UNITER_DS_GIT_COMMIT``); "unknown" when nothing works. Never raises."""
+    if os.environ.get("UNITER_DS_GIT_COMMIT"):
+        return os.environ["UNITER_DS_GIT_COMMIT"]
+    where = where or Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=where,
+                                timeout=10)
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        root = next(p for p in (where, *where.parents) if (p / ".git").exists())
+        git = root / ".git"
+        if git.is_file():  # a worktree or submodule: "gitdir: PATH"
+            git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head[:7]  # detached
+        ref = head[4:].strip()
+        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").exists() else git
+        for folder in dict.fromkeys((git, common)):
+            if (folder / ref).exists():
+                return (folder / ref).read_text().strip()[:7]
+            if (folder / "packed-refs").exists():
+                for line in (folder / "packed-refs").read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0][:7]
+    except (OSError, StopIteration):
+        pass
+    return "unknown"
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {"device": name, "device_type": device.type, "cpu_count": os.cpu_count(), "git_commit": commit,
-            "torch_threads": torch.get_num_threads(),
-            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                         "transformers": transformers.__version__, "python": platform.python_version()},
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where a number was measured. Every field is best-effort: a report is never lost to this."""
+    versions: dict[str, str] = {"torch": torch.__version__, "python": platform.python_version()}
+    for package in ("deepspeed", "transformers"):
+        try:
+            versions[package] = __import__(package).__version__
+        except Exception:  # noqa: BLE001 - a version string is not worth a lost report
+            versions[package] = "unavailable"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        versions["cuda"] = str(torch.version.cuda)
+    else:
+        name = cpu_name()
+    return {"device": name, "device_type": device.type, "cpu_count": os.cpu_count(), "git_commit": git_commit(),
+            "cpu_native_bf16": cpu_native_bf16(), "torch_threads": torch.get_num_threads(), "versions": versions,
             "date": time.strftime("%Y-%m-%d")}
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _memory(device: torch.device) -> dict[str, float]:
     out = {"host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.type == "cuda":
         out["device_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["device_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+        out["device_total_gb"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     return out
+
+
+OUT_OF_MEMORY = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                 "cudaErrorMemoryAllocation", "Cannot allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure, including the ones cuBLAS / cuDNN report as their own errors."""
+    return isinstance(error, torch.OutOfMemoryError) or any(marker in str(error) for marker in OUT_OF_MEMORY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,43 +311,85 @@ def step_batches(settings: BenchSettings, config: UniterConfig, device: torch.de
 # ---------------------------------------------------------------------------------------------
 
 
+class StepClock:
+    """Per-step times without a host sync per step: on a GPU an event is recorded after each step and
+    read once the window ends (the host runs ahead and queues the next step's kernels, as in
+    training); on a CPU the host clock, which is the device clock there."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks (waits for the device first)."""
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
+        return [b - a for a, b in itertools.pairwise(self.marks)]
+
+
+def micro_batch_lengths(batch: UniterBatch) -> list[int]:
+    meta = batch.meta or {}
+    if "lengths" in meta:
+        return meta["lengths"]
+    return (batch.txt_lens + batch.img_lens).tolist()
+
+
 def measure(step: Callable[[str, list[UniterBatch]], None], feed: Iterator[tuple[str, list[UniterBatch]]],
             device: torch.device, settings: BenchSettings, padded: Callable[[UniterBatch], int],
             config: UniterConfig) -> dict[str, Any]:
     """Time ``step`` over warm-up + timed windows; the time to get the next batch counts (it is what a
-    training step waits for; zero for pre-built batches)."""
+    training step waits for; zero for pre-built batches). Per-micro-batch token counts are the ones
+    actually run, beside the requested budget."""
     for _ in range(settings.warmup):
         step(*next(feed))
     synchronize(device)
+    reset_memory(device)
     step_times: list[float] = []
     per_task: dict[str, list[float]] = defaultdict(list)
-    samples = real = padded_tokens = 0
+    samples = real = padded_tokens = micro_batches = 0
     flops = 0.0
     window_rates = []
     for _ in range(settings.windows):
+        clock = StepClock(device)
+        clock.mark()
         window_start = time.perf_counter()
         window_samples = 0
+        tasks = []
         for _ in range(settings.steps):
-            start = time.perf_counter()
             task, micro = next(feed)
             step(task, micro)
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            step_times.append(elapsed)
-            per_task[task].append(elapsed)
+            clock.mark()
+            tasks.append(task)
             for batch in micro:
-                lengths = (batch.txt_lens + batch.img_lens).tolist()
-                samples += batch.batch_size
-                window_samples += batch.batch_size
+                lengths = micro_batch_lengths(batch)
+                micro_batches += 1
+                samples += len(lengths)
+                window_samples += len(lengths)
                 real += sum(lengths)
                 padded_tokens += padded(batch)
                 flops += training_flops(config, lengths)
+        times = clock.intervals()
         window_rates.append(window_samples / (time.perf_counter() - window_start))
+        step_times += times
+        for task, elapsed in zip(tasks, times):
+            per_task[task].append(elapsed)
     total = sum(step_times)
     quantiles = statistics.quantiles(step_times, n=10) if len(step_times) > 1 else step_times * 9
     return {
         "steps": len(step_times), "samples": samples, "seconds": total, "flops": flops,
-        "real_tokens": real, "padded_tokens": padded_tokens,
+        "real_tokens": real, "padded_tokens": padded_tokens, "micro_batches": micro_batches,
+        "mean_real_tokens_per_micro_batch": real / micro_batches,
+        "mean_padded_tokens_per_micro_batch": padded_tokens / micro_batches,
+        "budget_fill": padded_tokens / micro_batches / settings.token_budget,
         "samples_per_s": samples / total, "tokens_per_s": real / total, "padded_tokens_per_s": padded_tokens / total,
         "padding_fraction": 1 - real / padded_tokens if padded_tokens else 0.0,
         "step_time_s": {"median": statistics.median(step_times), "p10": quantiles[0], "p90": quantiles[-1]},
@@ -261,72 +401,107 @@ def measure(step: Callable[[str, list[UniterBatch]], None], feed: Iterator[tuple
 
 def profile_steps(step: Callable[[str, list[UniterBatch]], None], feed: Iterator[tuple[str, list[UniterBatch]]],
                   device: torch.device, steps: int, trace: str | Path | None = None) -> dict[str, Any]:
-    """Run ``steps`` steps under torch.profiler; where the time goes, by kind of operator."""
+    """Run ``steps`` steps under torch.profiler; where the time goes, by kind of kernel (GPU) or
+    operator (CPU), and the profiled wall time per step to compare the kernel time with."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step(*next(feed))
         synchronize(device)
+        wall = time.perf_counter() - start
     if trace:
         prof.export_chrome_trace(str(trace))
-    return summarize_profile(prof.key_averages(), device.type == "cuda")
+    rows = profile_rows(prof.key_averages(), device.type == "cuda")
+    summary = summarize_profile(rows, device.type == "cuda")
+    summary["steps"] = steps
+    summary["wall_ms_per_step"] = 1e3 * wall / steps
+    summary["busy_ms_per_step"] = summary["total_ms"] / steps
+    summary["busy_fraction"] = summary["busy_ms_per_step"] / summary["wall_ms_per_step"]
+    return summary
 
 
-# Operator name -> kind. Checked in order; the first match wins.
-PROFILE_KINDS = [
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
-                "aten::_addmm_activation")),
-    ("attention (softmax, fused SDPA)", ("aten::_softmax", "aten::_softmax_backward_data", "scaled_dot_product",
-                                         "flash_attention", "efficient_attention", "aten::_safe_softmax")),
-    ("dropout RNG", ("aten::bernoulli", "aten::native_dropout", "aten::uniform_")),
-    ("layer norm", ("layer_norm",)),
-    ("gelu", ("gelu",)),
-    ("optimizer", ("adam", "lerp_", "addcdiv_", "addcmul_", "aten::sqrt", "_foreach")),
+def profile_rows(events: Any, on_gpu: bool) -> list[dict[str, Any]]:
+    """(name, self time in us, calls, where) for every profiler row that took time on the clock that
+    matters: on a GPU the device rows only (kernels, memcpy, memset), whose self times partition the
+    GPU's busy time; the CPU operators that launched them would count the same time again."""
+    rows = []
+    for event in events:
+        is_device_row = str(getattr(event, "device_type", "")).endswith("CUDA")
+        if on_gpu:
+            if not is_device_row:
+                continue
+            us = event.self_device_time_total
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            rows.append({"name": event.key, "self_us": float(us), "calls": int(event.count),
+                         "where": "device" if is_device_row else "cpu"})
+    return rows
+
+
+# CUDA kernel name -> kind, checked in order (the first match wins): a fused attention kernel may be a
+# CUTLASS kernel, an optimizer kernel a multi-tensor apply, so the specific kinds come first.
+GPU_KERNEL_KINDS = [
+    ("communication", ("nccl", "allreduce", "all_reduce", "reducescatter", "reduce_scatter", "allgather",
+                       "all_gather", "broadcast")),
+    ("optimizer", ("adam", "multi_tensor_apply", "multitensorapply", "_foreach", "foreach")),
+    ("losses", ("logsoftmax", "log_softmax", "nll_loss", "cross_entropy")),
+    ("attention", ("fmha", "flash", "attention", "sdpa", "softmax")),
+    ("GEMM", ("gemm", "nvjet", "xmma", "cublas", "cutlass", "s16816", "s1688", "splitk", "matmul", "triton_tem_",
+              "_mm_", "bmm")),
+    ("copies", ("memcpy", "memset")),
+    ("elementwise and norm", ("elementwise", "layer_norm", "layernorm", "norm", "reduce", "dropout", "gelu",
+                              "triton_", "index", "gather", "scatter", "cat", "copy", "fill", "where", "mul",
+                              "add", "bernoulli", "philox", "cross_entropy", "log_softmax", "nll", "embedding",
+                              "sum", "mean", "pow", "sqrt", "clamp", "cast", "convert")),
+]
+
+# CPU operator name -> kind, as above.
+CPU_OP_KINDS = [
     ("communication", ("all_reduce", "allreduce", "reduce_scatter", "all_gather", "broadcast", "gloo", "nccl")),
-    ("copies and casts", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous",
-                          "Memcpy", "aten::fill_", "aten::zero_")),
+    ("optimizer", ("adam", "lerp_", "addcdiv_", "addcmul_", "_foreach")),
+    ("attention", ("aten::_softmax", "aten::_softmax_backward_data", "scaled_dot_product", "flash_attention",
+                   "efficient_attention", "aten::_safe_softmax")),
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
+              "aten::_addmm_activation")),
+    ("dropout RNG", ("aten::bernoulli", "aten::native_dropout", "aten::uniform_")),
+    ("copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::fill_",
+                "aten::zero_")),
+    ("elementwise and norm", ("layer_norm", "gelu", "aten::add", "aten::mul", "aten::div", "aten::sub", "aten::where",
+                              "aten::index", "aten::gather", "aten::cat", "aten::sum", "aten::mean")),
 ]
 
 
-def summarize_profile(events: Any, on_gpu: bool) -> dict[str, Any]:
-    rows = []
-    for event in events:
-        self_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
-        if self_us > 0:
-            rows.append((event.key, self_us, event.count))
-    total = sum(us for _, us, _ in rows) or 1.0
+def classify(name: str, on_gpu: bool) -> str:
+    lower = name.lower()
+    for kind, patterns in GPU_KERNEL_KINDS if on_gpu else CPU_OP_KINDS:
+        if any(pattern in lower for pattern in patterns):
+            return kind
+    return "other"
+
+
+def summarize_profile(rows: list[dict[str, Any]], on_gpu: bool) -> dict[str, Any]:
+    total = sum(row["self_us"] for row in rows) or 1.0
     kinds: dict[str, float] = defaultdict(float)
-    for name, us, _ in rows:
-        lower = name.lower()
-        kind = next((k for k, patterns in PROFILE_KINDS if any(p.lower() in lower for p in patterns)), "other")
-        kinds[kind] += us
-    rows.sort(key=lambda row: -row[1])
+    for row in rows:
+        kinds[classify(row["name"], on_gpu)] += row["self_us"]
+    rows = sorted(rows, key=lambda row: -row["self_us"])
     by_kind = sorted(kinds.items(), key=lambda item: -item[1])
-    return {"clock": "device self time" if on_gpu else "CPU self time", "total_ms": total / 1e3,
+    return {"clock": "GPU kernel time" if on_gpu else "CPU self time", "total_ms": total / 1e3,
             "by_kind_percent": {kind: round(100 * us / total, 1) for kind, us in by_kind},
-            "top_ops": [{"op": name, "self_ms": round(us / 1e3, 2), "percent": round(100 * us / total, 1),
-                         "calls": count} for name, us, count in rows[:20]]}
+            "top": [{"name": row["name"][:160], "kind": classify(row["name"], on_gpu),
+                     "self_ms": round(row["self_us"] / 1e3, 3), "percent": round(100 * row["self_us"] / total, 1),
+                     "calls": row["calls"]} for row in rows[:25]],
+            "other": [row["name"][:160] for row in rows if classify(row["name"], on_gpu) == "other"][:20]}
 
 
 # ---------------------------------------------------------------------------------------------
 # The two systems
 # ---------------------------------------------------------------------------------------------
-
-
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size). Under the deepspeed launcher its environment is used; alone, one rank."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500),
-                               "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-                os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    return dist.get_rank(), dist.get_world_size()
 
 
 @contextlib.contextmanager
@@ -348,53 +523,125 @@ def kernel_choice(settings: BenchSettings) -> Iterator[None]:
         kernels._apex_fused_layer_norm.cache_clear()
 
 
-def bench_ours(settings: BenchSettings, profile_trace: str | Path | None = None) -> dict[str, Any]:
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+def default_deepspeed_config(zero_stage: int, precision: str) -> Path | None:
+    """The repository's ``ds_configs/zero{stage}_{precision}.json`` (what pretraining recipes use),
+    when this package runs from a checkout; None for an installed package without it."""
+    path = Path(__file__).resolve().parents[2] / "ds_configs" / f"zero{zero_stage}_{precision}.json"
+    return path if path.exists() else None
 
-    from ..train.pretrain import optimizer_config, param_groups, train_step
+
+def bench_deepspeed_config(settings: BenchSettings, on_gpu: bool) -> tuple[dict[str, Any], str]:
+    """The DeepSpeed config of a measurement and where it came from: ``settings.deepspeed_config``,
+    else ``ds_configs/zero{Z}_{P}.json``, else the bare equivalent; plus what the bench manages
+    (micro-batch, accumulation, clipping, optimizer) exactly as pretraining sets it."""
+    from ..train.pretrain import optimizer_config
+
+    path = Path(settings.deepspeed_config) if settings.deepspeed_config else default_deepspeed_config(
+        settings.zero_stage, settings.precision)
+    if path is not None:
+        if not path.exists():
+            raise FileNotFoundError(f"--deepspeed-config: {path} does not exist")
+        config = json.loads(path.read_text())
+        source = str(path)
+    else:
+        config = {"zero_optimization": {"stage": settings.zero_stage}}
+        if settings.precision in ("bf16", "fp16"):
+            config[settings.precision] = {"enabled": True}
+        source = "built in (no ds_configs/ beside the package)"
+    config |= {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": settings.accumulation,
+               "gradient_clipping": 5.0, "steps_per_print": 10**9,
+               "optimizer": optimizer_config(1e-5, [0.9, 0.98], 1e-6, 0.01, on_gpu, settings.optimizer)}
+    config.pop("train_batch_size", None)
+    return config, source
+
+
+def precision_of(ds_config: dict[str, Any]) -> str:
+    for name in ("bf16", "fp16"):
+        if ds_config.get(name, {}).get("enabled"):
+            return name
+    return "fp32"
+
+
+Record = Callable[[int, dict[str, Any]], None]
+
+
+def sweep(settings: BenchSettings, budgets: list[int], measure_budget: Callable[[BenchSettings], dict[str, Any]],
+          record: Record, device: torch.device) -> None:
+    """Measure each budget in increasing order with one model; ``record`` gets each result as soon as
+    it exists. An allocation failure is recorded as such, and the larger budgets are recorded as not
+    tried (they need more memory); any other error propagates."""
+    budgets = sorted(budgets)
+    for i, budget in enumerate(budgets):
+        try:
+            result = measure_budget(dataclasses.replace(settings, token_budget=budget))
+        except Exception as error:  # noqa: BLE001 - only allocation failures are a result
+            if not is_out_of_memory(error):
+                raise
+            message = str(error).splitlines()[0][:300]
+            del error
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            record(budget, {"status": "out of memory", "error": message, "memory": _memory(device)})
+            for larger in budgets[i + 1:]:
+                record(larger, {"status": "not tried", "error": f"{budget} tokens did not fit"})
+            return
+        record(budget, result | {"status": "ok"})
+
+
+def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, profile_budget: int | None = None,
+               profile_trace: Callable[[int], str | Path | None] | None = None) -> None:
+    """Our DeepSpeed engine and the pretraining step, built once, over ``budgets``."""
+    import deepspeed
+
+    from ..model.kernels import attention_backend
+    from ..train.pretrain import param_groups, train_step
     from ..train.scheduler import Stream
 
-    rank, world = init_distributed()
-    device = torch.device(get_accelerator().current_device_name())
+    rank, world, device = init_distributed()
     on_gpu = device.type == "cuda"
     config = settings.model_config()
+    ds_config, ds_source = bench_deepspeed_config(settings, on_gpu)
+    settings = dataclasses.replace(settings, precision=precision_of(ds_config),
+                                   zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision, torch.float32)
     with kernel_choice(settings):
+        ran = attention_backend(config.num_attention_heads, config.head_dim, config.attention_probs_dropout_prob,
+                                device, dtype, settings.sdpa_backend)
         torch.manual_seed(0)
         model = UniterForPretraining(config)
         model.uniter.encoder.activation_checkpointing = settings.activation_checkpointing
         if settings.compile:
             model.uniter.encoder.compile_layers()
-        ds_config: dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": settings.accumulation,
-            "gradient_clipping": 5.0, "zero_optimization": {"stage": settings.zero_stage},
-            "optimizer": optimizer_config(1e-5, [0.9, 0.98], 1e-6, 0.01, on_gpu),
-            "steps_per_print": 10**9,
-        }
-        if settings.precision in ("bf16", "fp16"):
-            ds_config[settings.precision] = {"enabled": True}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
         names = [f"bench/{t}" for t in sorted(set(settings.tasks))]
         window = {k: torch.zeros(len(names), dtype=torch.float64, device=device)
                   for k in ("loss", "items", "correct")}
         comm = device if on_gpu else torch.device("cpu")
+        kernels = active_kernels(model) | {"sdpa_backend_requested": settings.sdpa_backend,
+                                           "sdpa_backend_ran": ran, "torch.compile": str(settings.compile),
+                                           "optimizer": type(engine.optimizer).__name__,
+                                           "adamw": settings.optimizer}
 
         def step(task: str, micro: list[UniterBatch]) -> None:
             train_step(engine, micro, [Stream("bench", task)] * len(micro), device, comm, window, names)
 
-        feed = step_batches(settings, config, device, rank, world)
-        result = measure(step, feed, device, settings, lambda b: b.padded_tokens(), config)
-        if settings.profile_steps and rank == 0:
-            result["profile"] = profile_steps(step, feed, device, settings.profile_steps, profile_trace)
-        elif settings.profile_steps:
-            for _ in range(settings.profile_steps):  # the other ranks take part in the profiled steps
-                step(*next(feed))
-    result |= {"system": "uniter-ds", "zero_stage": settings.zero_stage, "precision": settings.precision,
-               "kernels": active_kernels(model) | {"sdpa_backend": settings.sdpa_backend,
-                                                   "torch.compile": str(settings.compile),
-                                                   "optimizer": type(engine.optimizer).__name__},
-               "memory": _memory(device)}
-    return gather_ranks(result)
+        def one_budget(at: BenchSettings) -> dict[str, Any]:
+            feed = step_batches(at, config, device, rank, world)
+            result = measure(step, feed, device, at, lambda b: b.padded_tokens(), config)
+            result["memory"] = _memory(device)
+            if at.profile_steps and at.token_budget == (profile_budget or at.token_budget):
+                if rank == 0:
+                    trace = profile_trace(at.token_budget) if profile_trace else None
+                    result["profile"] = profile_steps(step, feed, device, at.profile_steps, trace)
+                else:  # the other ranks take part in the profiled steps
+                    for _ in range(at.profile_steps):
+                        step(*next(feed))
+            result |= {"token_budget": at.token_budget, "system": "uniter-ds", "zero_stage": at.zero_stage,
+                       "precision": at.precision, "deepspeed_config": ds_source, "kernels": kernels}
+            return gather_ranks(result)
+
+        sweep(settings, budgets, one_budget, record, device)
 
 
 def gather_ranks(result: dict[str, Any]) -> dict[str, Any]:
@@ -413,17 +660,19 @@ def gather_ranks(result: dict[str, Any]) -> dict[str, Any]:
         merged["total_" + key] = sum(r[key] for r in everyone)
         merged[key] = merged["total_" + key] / world  # per GPU
     merged["padding_fraction"] = 1 - sum(r["real_tokens"] for r in everyone) / sum(r["padded_tokens"] for r in everyone)
+    merged["mean_real_tokens_per_micro_batch"] = (sum(r["real_tokens"] for r in everyone)
+                                                  / sum(r["micro_batches"] for r in everyone))
+    merged["mean_padded_tokens_per_micro_batch"] = (sum(r["padded_tokens"] for r in everyone)
+                                                    / sum(r["micro_batches"] for r in everyone))
+    merged["budget_fill"] = merged["mean_padded_tokens_per_micro_batch"] / result["token_budget"]
     merged["memory"] = {key: max(r["memory"][key] for r in everyone) for key in result["memory"]}
     return merged
 
 
-def bench_baseline(settings: BenchSettings) -> dict[str, Any]:
-    """Eager transformers BERT + torch AMP + torch.optim.AdamW; under the launcher wrapped in DDP
-    (every rank its own batches, gradients all-reduced), alone a plain module."""
-    from deepspeed.accelerator import get_accelerator
-
-    rank, world = init_distributed()
-    device = torch.device(get_accelerator().current_device_name())
+def bench_baseline(settings: BenchSettings, budgets: list[int], record: Record) -> None:
+    """Eager transformers BERT + torch AMP + torch.optim.AdamW (fused where it exists, as ours); under
+    the launcher wrapped in DDP (every rank its own batches, gradients all-reduced), alone a plain module."""
+    rank, world, device = init_distributed()
     config = settings.model_config()
     torch.manual_seed(0)
     model = BaselineUniter.from_uniter(UniterForPretraining(config)).to(device).train()
@@ -431,7 +680,8 @@ def bench_baseline(settings: BenchSettings) -> dict[str, Any]:
         # Each step trains one task's head: the other heads get no gradient that step.
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
+                                  fused=True)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     scaler = torch.amp.GradScaler(enabled=settings.precision == "fp16" and device.type == "cuda")
 
@@ -449,17 +699,24 @@ def bench_baseline(settings: BenchSettings) -> dict[str, Any]:
     def padded(batch: UniterBatch) -> int:
         return batch.batch_size * BaselineUniter.sequence_length(batch)
 
-    feed = step_batches(settings, config, device, rank, world)
-    result = measure(step, feed, device, settings, padded, config)
-    result |= {"system": "baseline (transformers BertModel, padded layout, full-sequence heads, AdamW"
-                         + (", DDP)" if world > 1 else ")"),
-               "precision": settings.precision,
-               "kernels": {"attention": "eager (transformers)", "layer_norm": "torch", "optimizer": "torch AdamW"},
-               "memory": _memory(device)}
-    return gather_ranks(result)
+    def one_budget(at: BenchSettings) -> dict[str, Any]:
+        feed = step_batches(at, config, device, rank, world)
+        result = measure(step, feed, device, at, padded, config)
+        result |= {"token_budget": at.token_budget,
+                   "system": "baseline (transformers BertModel, padded layout, full-sequence heads, fused AdamW"
+                             + (", DDP)" if world > 1 else ")"),
+                   "precision": at.precision,
+                   "kernels": {"attention": "eager (transformers)", "layer_norm": "torch",
+                               "optimizer": "torch AdamW (fused)"},
+                   "memory": _memory(device)}
+        return gather_ranks(result)
+
+    sweep(settings, budgets, one_budget, record, device)
 
 
 def with_utilisation(result: dict[str, Any], peak: tuple[float, str]) -> dict[str, Any]:
+    if result.get("status", "ok") != "ok":
+        return result
     tflops, label = peak
     result["peak"] = {"tflops": tflops, "what": label}
     result["mfu"] = result["tflops"] / tflops if tflops == tflops else None

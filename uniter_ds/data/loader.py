@@ -29,8 +29,7 @@ class LoaderConfig:
     split: str = "exact"  # "exact" or "resampled"
     seed: int = 0
     shuffle_buffer: int = 1000  # pairs
-    bucket_growth: float = 1.08  # length buckets of the token-budget batcher grow by this ratio
-    max_waiting: int = 4096  # pairs held by the batcher at most
+    pool_budgets: int = 16  # the batcher sorts a pool of this many budgets' worth of tokens at a time
     max_text_len: int | None = 60  # longer captions are dropped (and counted), as in the reference
     on_error: str = "raise"  # "raise" or "skip" (skip and count)
     num_workers: int = 2
@@ -42,8 +41,7 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         checks = {
             "token_budget": self.token_budget > 0, "split": self.split in ("exact", "resampled"),
-            "shuffle_buffer": self.shuffle_buffer >= 0, "bucket_growth": self.bucket_growth > 1,
-            "max_waiting": self.max_waiting >= 1,
+            "shuffle_buffer": self.shuffle_buffer >= 0, "pool_budgets": self.pool_budgets >= 1,
             "on_error": self.on_error in ("raise", "skip"), "num_workers": self.num_workers >= 0,
             "mask_prob": 0 < self.mask_prob < 1, "itm_neg_prob": 0 <= self.itm_neg_prob <= 1,
             "masking": self.masking in ("conditional", "joint"), "pad_to_multiple_of": self.pad_to_multiple_of >= 1,
@@ -92,7 +90,7 @@ class TaskStream(IterableDataset):
         transform = TaskTransform(self.task, tokenizer, np_rng, mask_prob=cfg.mask_prob,
                                   itm_neg_prob=cfg.itm_neg_prob, joint_masking=cfg.masking == "joint")
         samples = map(transform, shuffled(pairs, cfg.shuffle_buffer, rng))
-        for group in budget_batches(samples, cfg.token_budget, cfg.bucket_growth, cfg.max_waiting):
+        for group in budget_batches(samples, cfg.token_budget, cfg.pool_budgets, np_rng):
             batch = collate(group, self.task, cfg.pad_to_multiple_of)
             batch.meta["worker"] = global_worker
             batch.meta["reader"] = stats.as_dict() | {"itm_forced_positives": transform.forced_positives}

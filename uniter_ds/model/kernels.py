@@ -5,14 +5,18 @@ path); torch's LayerNorm otherwise. ``UNITER_DS_LAYER_NORM=torch`` forces torch'
 apex (an error when it cannot be used). Both keep the
 parameter names ``weight`` and ``bias``, so checkpoints do not depend on the choice.
 Attention always goes through ``torch.nn.functional.scaled_dot_product_attention``; PyTorch picks
-the backend (flash / memory-efficient / cuDNN / math) per call, and ``sdpa_backends`` reports which
-ones are enabled; ``sdpa_backend("math")`` etc. restricts it (benchmarks compare backends).
+the backend (flash / memory-efficient / cuDNN / math) per call; ``sdpa_backend("math")`` etc.
+restricts it (benchmarks compare backends) and :func:`attention_backend` says which one runs for the
+model's own attention call (boolean key mask, attention dropout while training). FlashAttention takes
+no mask, so it never runs UNITER's padded batches; cuDNN's refuses a dropout of 0.1 on the PyTorch
+versions seen so far. Asking for a backend that cannot run the model is an error up front.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from functools import cache
 
@@ -60,6 +64,31 @@ def sdpa_backend(name: str) -> Iterator[None]:
         raise ValueError(f"SDPA backend {name!r}: expected auto or one of {', '.join(backends)}")
     with sdpa_kernel(backends[name]):
         yield
+
+
+def attention_backend(num_heads: int, head_dim: int, dropout: float, device: torch.device | str,
+                      dtype: torch.dtype, backend: str = "auto") -> str:
+    """The SDPA backend PyTorch picks for the model's attention call (boolean key mask with padding,
+    ``dropout``) on ``device`` in ``dtype``, under the ``backend`` restriction; a ValueError naming
+    the backend when it cannot run that call. Shapes do not change the choice between these
+    backends for head_dim <= 256, so a small call stands in for the real ones."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.zeros(2, num_heads, 8, head_dim, device=device, dtype=dtype)
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool, device=device)
+    mask[1, ..., 5:] = False  # a padded sample, as in every token-budget batch
+    with sdpa_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch warns once per refused backend; the error below says it
+        try:
+            choice = torch._fused_sdp_choice(q, q, q, mask, dropout)
+        except RuntimeError as error:
+            raise ValueError(
+                f"SDPA backend {backend!r} cannot run UNITER's attention on {torch.device(device).type} in "
+                f"{str(dtype).replace('torch.', '')} with a key mask and dropout {dropout}: "
+                f"{str(error).split('.')[0]}. Use auto (PyTorch picks a backend that can), or math") from None
+    return {SDPBackend.MATH: "math", SDPBackend.FLASH_ATTENTION: "flash",
+            SDPBackend.EFFICIENT_ATTENTION: "efficient", SDPBackend.CUDNN_ATTENTION: "cudnn"}.get(
+        SDPBackend(choice), SDPBackend(choice).name.lower())
 
 
 def sdpa_backends() -> list[str]:

@@ -70,6 +70,9 @@ class OptimSection:
     total_steps: int = 200000
     grad_clip: float = 5.0
     grad_accum: int = 1
+    # AdamW implementation: "torch" (torch's fused AdamW, CUDA or CPU, nothing to build) or
+    # "deepspeed" (DeepSpeed's FusedAdam, CUDA only, compiled by nvcc at first use).
+    implementation: str = "torch"
 
 
 @dataclass
@@ -120,6 +123,7 @@ class ExperimentConfig:
                    "data.on_error": (self.data.on_error, ("raise", "skip")),
                    "data.masking": (self.data.masking, ("conditional", "joint")),
                    "data.resume": (self.data.resume, ("replay", "reseed")),
+                   "optim.implementation": (self.optim.implementation, ("torch", "deepspeed")),
                    "model.preset": (self.model.preset, ("tiny", "base", "large"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:

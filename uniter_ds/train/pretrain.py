@@ -38,6 +38,7 @@ from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels
 from . import checkpointing
 from .config import ExperimentConfig, load_config
+from .distributed import init_distributed
 from .evaluate import evaluate
 from .scheduler import Stream, TaskScheduler
 from .tracking import Tracker
@@ -86,13 +87,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def optimizer_config(lr: float, betas: list[float], eps: float, weight_decay: float, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed's FusedAdam on GPU; on CPU, where that CUDA op cannot build, torch's AdamW with its
-    fused CPU kernel (one pass per parameter instead of ~8 elementwise ops: on the base model at a
-    1024-token budget the optimizer step was ~7% of a CPU step before)."""
+OPTIMIZERS = ("torch", "deepspeed")
+
+
+def optimizer_config(lr: float, betas: list[float], eps: float, weight_decay: float, on_gpu: bool,
+                     implementation: str = "torch") -> dict[str, Any]:
+    """AdamW for DeepSpeed's ``optimizer`` section.
+
+    ``torch``: torch.optim.AdamW with its fused kernel (CUDA and CPU): one pass per parameter tensor
+    instead of ~8 elementwise ops, and nothing to compile at start. ``deepspeed``: DeepSpeed's
+    FusedAdam, a CUDA extension that nvcc builds the first time a process needs it (about a minute,
+    and a process killed during that build leaves a lock behind that makes every later one wait;
+    ``uniter-ds prebuild`` builds it ahead). Both compute the same AdamW step."""
+    if implementation not in OPTIMIZERS:
+        raise ValueError(f"optimizer implementation {implementation!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if implementation == "deepspeed" and not on_gpu:
+        raise ValueError("optimizer implementation 'deepspeed' (FusedAdam) needs a CUDA device; use 'torch' on CPU")
     params: dict[str, Any] = {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay,
-                              "torch_adam": not on_gpu, "adam_w_mode": True}
-    if not on_gpu:
+                              "torch_adam": implementation == "torch", "adam_w_mode": True}
+    if implementation == "torch":
         params["fused"] = True
     return {"type": "AdamW", "params": params}
 
@@ -110,7 +123,8 @@ def deepspeed_config(config: ExperimentConfig, world_size: int, on_gpu: bool) ->
         "gradient_accumulation_steps": optim.grad_accum,
         "train_batch_size": optim.grad_accum * world_size,
         "gradient_clipping": optim.grad_clip,
-        "optimizer": optimizer_config(optim.lr, list(optim.betas), optim.eps, optim.weight_decay, on_gpu),
+        "optimizer": optimizer_config(optim.lr, list(optim.betas), optim.eps, optim.weight_decay, on_gpu,
+                                      optim.implementation),
         "scheduler": {"type": "WarmupDecayLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": max(1, optim.warmup_steps),
             "total_num_steps": optim.total_steps, "warmup_type": "linear"}},
@@ -192,6 +206,14 @@ class DataFeed:
 # ---------------------------------------------------------------------------------------------
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait: a copy from pageable memory into a GPU
+    is synchronous, one from pinned memory is not (the host allocator keeps the buffer until it is done)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def train_step(engine, batches: list[UniterBatch], streams: list[Stream], device: torch.device,
                comm_device: torch.device, window: dict[str, torch.Tensor], names: list[str]) -> None:
     """Forward/backward over the step's micro-batches; DeepSpeed steps the optimizer at the end.
@@ -209,12 +231,15 @@ def train_step(engine, batches: list[UniterBatch], streams: list[Stream], device
         index = names.index(stream.name)
         counts[index] += num_items(batch, stream.task)
         micro_per_stream[index] += 1
-    counts = counts.to(comm_device)
+    counts = to_device(counts, comm_device)
     if dist.is_initialized():
         dist.all_reduce(counts)  # one small collective per step: every stream's items in the whole step
-    scale = (world * micro_per_stream.to(comm_device) / counts.clamp(min=1)).to(device)
+    scale = to_device(world * micro_per_stream, comm_device) / counts.clamp(min=1)
+    scale = scale.to(device, non_blocking=True)
     for batch, stream in zip(batches, streams):
         index = names.index(stream.name)
+        if device.type == "cuda" and batch.input_ids.device.type == "cpu" and not batch.input_ids.is_pinned():
+            batch = batch.pin_memory()  # the loader pins its batches; a batch from elsewhere is pinned here
         out = engine(batch.to(device, non_blocking=True), stream.task)
         item_sum = out.item_losses.sum()
         engine.backward(item_sum * scale[index].to(item_sum.dtype))
@@ -256,12 +281,9 @@ def reduce_window(window: dict[str, torch.Tensor], names: list[str], comm_device
 
 
 def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
-    accelerator = get_accelerator()
-    on_gpu = accelerator.device_name() == "cuda"
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(accelerator.current_device_name())
-    comm_device = device if accelerator.communication_backend_name() == "nccl" else torch.device("cpu")
+    rank, world, device = init_distributed()  # this rank's GPU is selected before anything is built
+    on_gpu = device.type == "cuda"
+    comm_device = device if get_accelerator().communication_backend_name() == "nccl" else torch.device("cpu")
     run_dir = Path(config.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

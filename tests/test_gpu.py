@@ -1,0 +1,182 @@
+"""On a CUDA GPU: DeepSpeed steps in every precision and ZeRO stage against an fp32 reference, a step
+free of host syncs for every task, torch.compile and activation checkpointing against eager, the
+attention backend that runs. Skipped without CUDA (``-m gpu`` selects these alone).
+
+Tolerances (relative difference of the loss of a step, same batches, same initial weights, no
+dropout): bf16 2e-2, fp16 5e-3 (bf16 keeps 8 bits of mantissa, fp16 11); compile vs eager in fp32
+1e-4 (kernels fuse differently, nothing else may change).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from uniter_ds.model import UniterConfig, UniterForPretraining
+from uniter_ds.model.inputs import UniterBatch
+
+from .helpers import collate, random_sample
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TASKS = ("mlm", "itm", "mrfr", "mrc", "mrc-kl")
+STEPS = 3
+
+
+def small_config() -> UniterConfig:
+    # Large enough for tensor-core shapes, small enough to build 10 engines in seconds.
+    return UniterConfig.from_preset("tiny", hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+                                    num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def batches(config: UniterConfig, seed: int = 0) -> list[tuple[str, UniterBatch]]:
+    """One batch per task (pinned, on the host, as the loader hands them over)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i, task in enumerate(TASKS):
+        lengths = [(9 + i, 17), (14, 40 - i), (6, 25)]
+        samples = [random_sample(config, t, r, generator) for t, r in lengths]
+        out.append((task, collate(samples, itm_targets=[1, 0, 1]).pin_memory()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def device() -> torch.device:
+    from uniter_ds.train.distributed import init_distributed
+
+    return init_distributed()[2]
+
+
+def engine_for(model: torch.nn.Module, zero: int, precision: str):
+    import deepspeed
+
+    from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
+    from uniter_ds.train.pretrain import param_groups
+
+    ds_config, _ = bench_deepspeed_config(BenchSettings(zero_stage=zero, precision=precision), on_gpu=True)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
+    return engine
+
+
+def run_steps(engine, data: list[tuple[str, UniterBatch]], device: torch.device, steps: int = STEPS) -> list[float]:
+    from uniter_ds.train.pretrain import train_step
+    from uniter_ds.train.scheduler import Stream
+
+    names = [f"test/{task}" for task in TASKS]
+    window = {k: torch.zeros(len(names), dtype=torch.float64, device=device) for k in ("loss", "items", "correct")}
+    losses = []
+    for step in range(steps):
+        task, batch = data[step % len(data)]
+        train_step(engine, [batch], [Stream("test", task)], device, device, window, names)
+        index = names.index(f"test/{task}")
+        losses.append(float(window["loss"][index] / window["items"][index]))
+        for value in window.values():
+            value.zero_()
+    return losses
+
+
+@pytest.fixture(scope="module")
+def reference(device):
+    config = small_config()
+    torch.manual_seed(0)
+    model = UniterForPretraining(config)
+    initial = copy.deepcopy(model.state_dict())
+    losses = run_steps(engine_for(model, 0, "fp32"), batches(config), device)
+    return config, initial, losses
+
+
+@pytest.mark.parametrize(("zero", "precision"), [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp16")])
+def test_deepspeed_step_matches_fp32(reference, device, zero, precision):
+    config, initial, expected = reference
+    model = UniterForPretraining(config)
+    model.load_state_dict(initial)
+    engine = engine_for(model, zero, precision)
+    losses = run_steps(engine, batches(config), device)
+    tolerance = 2e-2 if precision == "bf16" else 5e-3
+    for step, (got, want) in enumerate(zip(losses, expected)):
+        assert abs(got - want) <= tolerance * abs(want), f"step {step}: {got} vs fp32 {want} (ZeRO-{zero} {precision})"
+    assert engine.skipped_steps == 0, "the loss scaler skipped a step on well-scaled gradients"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_training_step_never_waits_for_the_host(device, task):
+    """forward, backward and optimizer step of every task under the production ZeRO-2 bf16 config,
+    with CUDA's sync debug mode turning any host synchronisation into an error."""
+    config = small_config()
+    torch.manual_seed(0)
+    engine = engine_for(UniterForPretraining(config), 2, "bf16")
+    data = [(t, b) for t, b in batches(config) if t == task]
+    run_steps(engine, data, device, steps=1)  # first step: allocations, lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_steps_without_reading(engine, data, device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def run_steps_without_reading(engine, data, device) -> None:
+    from uniter_ds.train.pretrain import train_step
+    from uniter_ds.train.scheduler import Stream
+
+    names = [f"test/{task}" for task, _ in data]
+    window = {k: torch.zeros(len(names), dtype=torch.float64, device=device) for k in ("loss", "items", "correct")}
+    for task, batch in data:
+        train_step(engine, [batch], [Stream("test", task)], device, device, window, names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_layers_match_eager(device, dtype):
+    config = small_config()
+    torch.manual_seed(0)
+    eager = UniterForPretraining(config).to(device)
+    compiled = copy.deepcopy(eager)
+    compiled.uniter.encoder.compile_layers()
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for task, batch in batches(config)[:2] + batches(config, seed=1)[:2]:  # two shapes per task
+        batch = batch.to(device)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            want, got = eager(batch, task).loss, compiled(batch, task).loss
+        want.backward()
+        got.backward()
+        assert abs(float(got) - float(want)) <= tolerance * abs(float(want)), (task, float(got), float(want))
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        if a.grad is not None:
+            scale = a.grad.abs().max().clamp(min=1e-6)
+            assert (a.grad - b.grad).abs().max() / scale < tolerance * 5, name
+
+
+def test_activation_checkpointing_with_zero3(reference, device):
+    config, initial, expected = reference
+    model = UniterForPretraining(config)
+    model.load_state_dict(initial)
+    model.uniter.encoder.activation_checkpointing = True
+    losses = run_steps(engine_for(model, 3, "bf16"), batches(config), device)
+    for got, want in zip(losses, expected):
+        assert abs(got - want) <= 2e-2 * abs(want)
+
+
+def test_attention_backend_that_runs(device):
+    from uniter_ds.model.kernels import attention_backend
+
+    config = UniterConfig.from_preset("large")
+    ran = attention_backend(config.num_attention_heads, config.head_dim, 0.1, device, torch.bfloat16)
+    assert ran in ("efficient", "cudnn"), f"training attention fell back to {ran}"
+    assert attention_backend(config.num_attention_heads, config.head_dim, 0.0, device, torch.bfloat16) != "math"
+    with pytest.raises(ValueError, match="'flash' cannot run"):
+        attention_backend(config.num_attention_heads, config.head_dim, 0.1, device, torch.bfloat16, "flash")
+
+
+def test_each_rank_gets_its_local_gpu(monkeypatch):
+    from uniter_ds.train.distributed import rank_device
+
+    for index in range(torch.cuda.device_count()):
+        monkeypatch.setenv("LOCAL_RANK", str(index))
+        assert rank_device() == torch.device(f"cuda:{index}")
+        assert torch.cuda.current_device() == index
+    monkeypatch.setenv("LOCAL_RANK", os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(0)

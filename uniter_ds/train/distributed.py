@@ -1,0 +1,58 @@
+"""This process's place in the job: its rank, the world, and its device.
+
+The ``deepspeed`` launcher starts one process per GPU and gives every one of them all the GPUs of
+its node plus ``LOCAL_RANK``. Until a process selects its GPU, ``cuda`` means ``cuda:0`` on every
+rank, so :func:`rank_device` runs first in every entry point (pretraining, evaluation, bench), before
+a model, a tensor or a CUDA context is made, and everything after it uses the device it returns.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def local_rank() -> int:
+    value = os.environ.get("LOCAL_RANK", "0")
+    try:
+        rank = int(value)
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK={value!r}: expected a non-negative integer") from None
+    if rank < 0:
+        raise ValueError(f"LOCAL_RANK={value!r}: expected a non-negative integer")
+    return rank
+
+
+def rank_device() -> torch.device:
+    """Select this rank's accelerator (``LOCAL_RANK``) as the current device and return it; CPU ranks
+    get ``cpu``. Safe to call again: it selects the same device."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    index = local_rank()
+    if index >= accelerator.device_count():
+        raise RuntimeError(f"LOCAL_RANK={index}, but this node has {accelerator.device_count()} "
+                           f"{accelerator.device_name()} device(s)")
+    accelerator.set_device(index)
+    return torch.device(accelerator.device_name(index))
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under the deepspeed launcher its environment is used; started
+    alone, a world of one. The device is selected before the process group exists (NCCL binds a
+    communicator to the current device)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and not dist.is_initialized():
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500),
+                           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+            os.environ.setdefault(key, value)
+    device = rank_device()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    return dist.get_rank(), dist.get_world_size(), device
