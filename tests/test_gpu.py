@@ -99,24 +99,52 @@ def test_deepspeed_step_matches_fp32(reference, device, zero, precision):
     tolerance = 2e-2 if precision == "bf16" else 5e-3
     for step, (got, want) in enumerate(zip(losses, expected)):
         assert abs(got - want) <= tolerance * abs(want), f"step {step}: {got} vs fp32 {want} (ZeRO-{zero} {precision})"
-    assert engine.skipped_steps == 0, "the loss scaler skipped a step on well-scaled gradients"
+    if precision == "bf16":
+        assert engine.skipped_steps == 0, "a bf16 step was skipped"
+    else:  # the dynamic loss scale starts at 2^16 and halves on each overflow until the gradients fit
+        assert engine.skipped_steps < STEPS, "fp16: every step overflowed"
+
+
+# Host synchronisations DeepSpeed itself makes in a ZeRO-1/2 bf16 step with gradient clipping
+# (deepspeed 0.19.8; found by benchmarks/gpu_syncs.py on an H200): the grad-norm sentinel
+# (mask_nan_or_inf_with_val_inplace builds a scalar tensor from a Python float) and the clip's
+# validity check (is_invalid_grad_norm calls bool() on a device tensor). bf16's per-step overflow
+# check is off in ds_configs/ (check_grad_overflow: false). Everything else must not wait.
+DEEPSPEED_SYNCS_PER_STEP = 6
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_training_step_never_waits_for_the_host(device, task):
     """forward, backward and optimizer step of every task under the production ZeRO-2 bf16 config,
-    with CUDA's sync debug mode turning any host synchronisation into an error."""
+    with CUDA's sync debug mode reporting each host synchronisation and where it came from: none from
+    our code, and no more than the known ones inside DeepSpeed's gradient clipping."""
+    import traceback
+    import warnings
+
     config = small_config()
     torch.manual_seed(0)
     engine = engine_for(UniterForPretraining(config), 2, "bf16")
     data = [(t, b) for t, b in batches(config) if t == task]
     run_steps(engine, data, device, steps=1)  # first step: allocations, lazy initialisation
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run_steps_without_reading(engine, data, device)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    sites: list[str] = []
+
+    def record(*args, **kwargs) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and "warnings.py" not in f.filename]
+        sites.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run_steps_without_reading(engine, data, device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ours = [site for site in sites if "/deepspeed/" not in site]
+    assert not ours, f"host synchronisations in our step: {ours}"
+    assert len(sites) <= DEEPSPEED_SYNCS_PER_STEP, f"DeepSpeed now synchronises more often: {sites}"
 
 
 def run_steps_without_reading(engine, data, device) -> None:

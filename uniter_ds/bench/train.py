@@ -348,8 +348,16 @@ def measure(step: Callable[[str, list[UniterBatch]], None], feed: Iterator[tuple
             config: UniterConfig) -> dict[str, Any]:
     """Time ``step`` over warm-up + timed windows; the time to get the next batch counts (it is what a
     training step waits for; zero for pre-built batches). Per-micro-batch token counts are the ones
-    actually run, beside the requested budget."""
-    for _ in range(settings.warmup):
+    actually run, beside the requested budget.
+
+    With pre-built batches the warm-up runs each of them at least once: on a GPU the first step of a
+    new shape pays one-off costs (cuDNN attention builds an execution plan per shape, the caching
+    allocator grows, cuBLAS picks kernels), which the first GPU run showed as a 3x slower first
+    window. What a stream of ever-new shapes costs is measured with ``source="shards"``."""
+    warmup = settings.warmup
+    if settings.source == "memory":
+        warmup = max(warmup, settings.batches * len(settings.tasks))
+    for _ in range(warmup):
         step(*next(feed))
     synchronize(device)
     reset_memory(device)
