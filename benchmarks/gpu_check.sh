@@ -31,8 +31,8 @@ mkdir -p "$OUT"
 work=$(mktemp -d)
 log="$OUT/check.log"
 : > "$log"
-python=python3
-[ -x .venv/bin/python ] && [ "$mode" = cpu ] && python=.venv/bin/python
+python=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && [ "$mode" = cpu ] && python=.venv/bin/python
 started=$(date +%s)
 
 step() {  # step NAME LIMIT COMMAND...: run bounded, log exit status, time and the end of its output

@@ -76,7 +76,8 @@ def main() -> int:
             found: Counter[str] = Counter()
 
             def record(message, category, filename, lineno, file=None, line=None, found=found):
-                found[site(traceback.extract_stack()[:-1])] += 1
+                if "synchronizing CUDA operation" in str(message):  # not the "prototype feature" notice
+                    found[site(traceback.extract_stack()[:-1])] += 1
 
             previous = warnings.showwarning
             warnings.showwarning = record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,10 +106,17 @@ def test_bench_cli_writes_every_field(tmp_path, command):
         assert set(ours) >= FIELDS and ours["steps"] == 2
         assert ours["peak"]["what"].startswith("CPU: measured fp32")
         assert 0 < ours["padding_fraction"] < 1 and ours["tflops"] > 0
-        assert set(ours["per_task_step_time_s"]) == {"itm", "mrfr"}  # tasks take turns; warm-up took mlm
-        profile = ours["profile"]
-        assert sum(profile["by_kind_percent"].values()) == pytest.approx(100, abs=0.5)
-        assert profile["by_kind_percent"]["matmul"] > 0 and profile["top_ops"]
+        # The warm-up ran each of the 4 tasks' pre-built batches once; then the tasks take turns again.
+        assert set(ours["per_task_step_time_s"]) == {"mlm", "itm"}
+        assert ours["budget_fill"] == pytest.approx(ours["mean_padded_tokens_per_micro_batch"] / run["token_budget"])
+        assert ours["mean_real_tokens_per_micro_batch"] <= ours["mean_padded_tokens_per_micro_batch"] <= 900
+        assert ours["status"] == "ok" and ours["kernels"]["sdpa_backend_ran"] == "math"  # CPU, dropout 0.1
+        assert ("profile" in ours) == (run["token_budget"] == 900)  # the largest budget by default
+        if "profile" in ours:
+            profile = ours["profile"]
+            assert sum(profile["by_kind_percent"].values()) == pytest.approx(100, abs=0.5)
+            assert profile["by_kind_percent"]["GEMM"] > 0 and profile["top"]
+            assert profile["busy_fraction"] > 0
         if command == "compare":
             assert set(run["baseline"]) >= FIELDS
             assert run["speedup_samples_per_s"] == pytest.approx(ours["samples_per_s"] /
@@ -201,3 +209,160 @@ def test_bench_data_cli(tmp_path):
     assert_plots(report, tmp_path, 1)
     result = run_cli(["bench", "data", "--regions", "ten", "--data-dir", str(tmp_path / "d")])
     assert result.returncode == 2 and "'ten'" in result.stderr
+
+
+# Kind of each kernel row recorded in a real profile (H200, UNITER-large bf16, tests/data/), by a
+# distinctive part of its name.
+RECORDED_KINDS = {
+    "sdpa_sm90_flash_fprop": "attention", "sdpa_sm90_flash_bprop": "attention", "compute_dot_do_o": "attention",
+    "nvjet_sm90": "GEMM", "CatArrayBatchedCopy": "copies and layout", "direct_copy_kernel": "copies and layout",
+    "GammaBetaBackward": "layer norm", "layer_norm": "layer norm",
+    "Gelu": "elementwise (GELU, dropout, add, reductions)",
+    "reduce_kernel": "elementwise (GELU, dropout, add, reductions)",
+    "CUDAFunctor_add": "elementwise (GELU, dropout, add, reductions)",
+    "fused_dropout": "elementwise (GELU, dropout, add, reductions)",
+    "masked_scale": "elementwise (GELU, dropout, add, reductions)",
+    "multi_tensor_apply": "optimizer", "Optimizer.step#": "optimizer", "radix_sort": "indexing",
+    "segment": "indexing", "unique_by_key": "indexing", "scan::": "indexing",
+}
+
+
+def test_gpu_profile_classifier_on_recorded_kernel_rows():
+    from uniter_ds.bench.train import classify, summarize_profile
+
+    recorded = json.loads((Path(__file__).parent / "data" / "h200_profile_rows.json").read_text())["rows"]
+    for row in recorded:
+        expected = next(kind for part, kind in RECORDED_KINDS.items() if part in row["name"])
+        assert classify(row["name"], on_gpu=True).startswith(expected), row["name"]
+    timed = [row for row in recorded if row["self_us"] is not None and "#" not in row["name"]]
+    summary = summarize_profile(timed, on_gpu=True)
+    assert summary["total_ms"] == pytest.approx(sum(row["self_us"] for row in timed) / 1e3)
+    assert summary["by_kind_percent"]["GEMM"] > summary["by_kind_percent"]["attention"] > 10
+    assert "other" not in summary["by_kind_percent"]
+
+
+def test_profile_rows_take_kernels_once():
+    """On a GPU only the device rows count, and a user annotation spanning kernels is not a kernel."""
+    from types import SimpleNamespace
+
+    from uniter_ds.bench.train import profile_rows
+
+    def event(key, device_type, us, annotation=False):
+        return SimpleNamespace(key=key, device_type=f"DeviceType.{device_type}", self_device_time_total=us,
+                               self_cpu_time_total=us, count=1, is_user_annotation=annotation)
+
+    events = [event("aten::mm", "CPU", 0), event("nvjet_sm90_tst_128x256", "CUDA", 900),
+              event("Optimizer.step#AdamW.step", "CUDA", 500, annotation=True),
+              event("multi_tensor_apply_kernel", "CUDA", 400), event("aten::addmm", "CPU", 50)]
+    rows = profile_rows(events, on_gpu=True)
+    assert [row["name"] for row in rows] == ["nvjet_sm90_tst_128x256", "multi_tensor_apply_kernel"]
+    assert [row["name"] for row in profile_rows(events, on_gpu=False)] == [
+        "nvjet_sm90_tst_128x256", "Optimizer.step#AdamW.step", "multi_tensor_apply_kernel", "aten::addmm"]
+
+
+def test_sweep_records_out_of_memory_and_skips_larger_budgets():
+    import dataclasses
+
+    import torch
+
+    from uniter_ds.bench.train import BenchSettings, is_out_of_memory, sweep
+
+    def measure(settings):
+        if settings.token_budget >= 2000:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return {"budget": settings.token_budget}
+
+    recorded = []
+    sweep(BenchSettings(), [4000, 1000, 2000], measure, lambda b, r: recorded.append((b, r)), torch.device("cpu"))
+    assert [(b, r["status"]) for b, r in recorded] == [(1000, "ok"), (2000, "out of memory"), (4000, "not tried")]
+    assert "CUBLAS_STATUS_ALLOC_FAILED" in recorded[1][1]["error"]
+    assert is_out_of_memory(torch.OutOfMemoryError("x")) and not is_out_of_memory(ValueError("shape mismatch"))
+    with pytest.raises(ValueError):  # anything else is a bug, not a result
+        sweep(BenchSettings(), [1000], lambda s: (_ for _ in ()).throw(ValueError("shape mismatch")),
+              lambda b, r: None, torch.device("cpu"))
+    assert dataclasses.is_dataclass(BenchSettings)
+
+
+def test_report_survives_a_failure_after_a_measurement(tmp_path, monkeypatch):
+    """The JSON is rewritten after every measurement: when the baseline crashes, ours is in the file."""
+    import torch
+
+    from uniter_ds import cli
+    from uniter_ds.bench import train
+
+    def fake_ours(settings, budgets, record, *args):
+        for budget in budgets:
+            record(budget, {"status": "ok", "samples_per_s": 10.0, "tokens_per_s": 900.0, "tflops": 1.0,
+                            "mean_real_tokens_per_micro_batch": 500.0, "padding_fraction": 0.05,
+                            "step_time_s": {"median": 0.5}, "budget": budget, "world_size": 1,
+                            "memory": {"host_peak_rss_gb": 1.0}})
+
+    def crashing_baseline(settings, budgets, record):
+        record(budgets[0], {"status": "out of memory", "error": "CUDA out of memory"})
+        raise RuntimeError("the baseline crashed")
+
+    monkeypatch.setattr(train, "bench_ours", fake_ours)
+    monkeypatch.setattr(train, "bench_baseline", crashing_baseline)
+    monkeypatch.setattr(train, "device_peak", lambda device, precision: (2.0, "fake peak"))
+    monkeypatch.setattr("uniter_ds.train.distributed.init_distributed", lambda: (0, 1, torch.device("cpu")))
+    out = tmp_path / "report.json"
+    with pytest.raises(RuntimeError, match="the baseline crashed"):
+        cli.main(["bench", "compare", "--preset", "tiny", "--token-budget", "600", "900", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert [run["ours"]["budget"] for run in report["runs"]] == [600, 900]
+    assert report["runs"][0]["ours"]["mfu"] == 0.5
+    assert report["runs"][0]["baseline"]["status"] == "out of memory" and "baseline" not in report["runs"][1]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_environment_without_a_git_binary(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    import torch
+
+    from uniter_ds.bench.train import environment, git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("the reference value needs git")  # CI and development machines have it
+    expected = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git on the PATH, as on the GPU machines
+    assert git_commit() == expected
+    assert environment(torch.device("cpu"))["git_commit"] == expected
+    assert git_commit(tmp_path) == "unknown"  # no .git above it either
+    monkeypatch.setenv("UNITER_DS_GIT_COMMIT", "abc1234")
+    assert git_commit(tmp_path) == "abc1234"
+
+
+def test_precision_follows_what_the_cpu_does_natively():
+    from uniter_ds.bench.train import cpu_native_bf16, default_precision
+
+    assert default_precision(on_gpu=True, flags=set()) == "bf16"
+    assert default_precision(on_gpu=False, flags={"avx2", "fma"}) == "fp32"
+    assert default_precision(on_gpu=False, flags={"avx512f", "avx512_bf16"}) == "bf16"
+    assert default_precision(on_gpu=False, flags={"amx_bf16"}) == "bf16"
+    assert cpu_native_bf16({"fp", "asimd", "bf16"})  # Arm
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --cpu-dry-run: every step of the GPU check on the CPU with the tiny
+    preset, so the script cannot rot between GPU windows; at most 8 files come back."""
+    import subprocess
+    import sys
+
+    from .launcher import ROOT, cpu_env
+
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run"], cwd=ROOT,
+                            env=cpu_env() | {"OUT": str(out), "PYTHON": sys.executable}, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, (out / "check.log").read_text()[-5000:] if (out / "check.log").exists() else \
+        result.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"check.log", "summary.json", "results.tar.gz", "compare.json"} <= set(files)
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert {(row["system"], row["variant"]) for row in rows if row["status"] == "ok"} == {
+        ("ours", "eager"), ("baseline", "eager"), ("ours", "compiled")}
+    assert all(row["status"] == "ok" for row in rows)

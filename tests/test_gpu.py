@@ -40,7 +40,8 @@ def batches(config: UniterConfig, seed: int = 0) -> list[tuple[str, UniterBatch]
     for i, task in enumerate(TASKS):
         lengths = [(9 + i, 17), (14, 40 - i), (6, 25)]
         samples = [random_sample(config, t, r, generator) for t, r in lengths]
-        out.append((task, collate(samples, itm_targets=[1, 0, 1]).pin_memory()))
+        batch = collate(samples, itm_targets=[1, 0, 1])
+        out.append((task, batch.pin_memory() if torch.cuda.is_available() else batch))
     return out
 
 
@@ -129,7 +130,9 @@ def test_training_step_never_waits_for_the_host(device, task):
     torch.cuda.synchronize()
     sites: list[str] = []
 
-    def record(*args, **kwargs) -> None:
+    def record(message, *args, **kwargs) -> None:
+        if "synchronizing CUDA operation" not in str(message):
+            return  # e.g. the "prototype feature" notice the first set_sync_debug_mode call prints
         frames = [f for f in traceback.extract_stack()[:-1]
                   if "/torch/" not in f.filename and "warnings.py" not in f.filename]
         sites.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
@@ -159,7 +162,13 @@ def run_steps_without_reading(engine, data, device) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_layers_match_eager(device, dtype):
+    from uniter_ds.model.modeling import MIN_TORCH_FOR_COMPILE, torch_version
+
     config = small_config()
+    if torch_version() < MIN_TORCH_FOR_COMPILE:  # refused there: gradients were wrong on torch 2.11
+        with pytest.raises(RuntimeError, match="needs torch >="):
+            UniterForPretraining(config).uniter.encoder.compile_layers()
+        return
     torch.manual_seed(0)
     eager = UniterForPretraining(config).to(device)
     compiled = copy.deepcopy(eager)

@@ -87,6 +87,18 @@ class ImageEmbeddings(nn.Module):
 # Encoder
 # ---------------------------------------------------------------------------------------------
 
+MIN_TORCH_FOR_COMPILE = (2, 13)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder layers
+# ---------------------------------------------------------------------------------------------
+
 
 class SelfAttention(nn.Module):
     def __init__(self, config: UniterConfig):
@@ -132,7 +144,16 @@ class Encoder(nn.Module):
 
     def compile_layers(self) -> None:
         """``torch.compile`` each layer in place (parameter names unchanged) with dynamic shapes:
-        the token-budget batches change length every step, and one graph per layer serves them all."""
+        the token-budget batches change length every step, and one graph per layer serves them all.
+
+        Refused on torch < 2.13: on torch 2.11 (an H200, 2026-11-27) compiled layers gave eager's
+        losses but not its gradients (tests/test_gpu.py, and the CPU test run there), where 2.13
+        agrees to 1e-6 on the same checks."""
+        if torch_version() < MIN_TORCH_FOR_COMPILE:
+            raise RuntimeError(
+                f"torch.compile of the encoder needs torch >= {'.'.join(map(str, MIN_TORCH_FOR_COMPILE))} "
+                f"(this is {torch.__version__}): on torch 2.11 compiled layers trained with wrong gradients; "
+                "see benchmarks/RESULTS.md. Train without model.compile / --compile.")
         for layer in self.layers:
             layer.compile(dynamic=True)
 

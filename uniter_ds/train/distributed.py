@@ -1,7 +1,7 @@
 """This process's place in the job: its rank, the world, and its device.
 
 The ``deepspeed`` launcher starts one process per GPU and gives every one of them all the GPUs of
-its node plus ``LOCAL_RANK``. Until a process selects its GPU, ``cuda`` means ``cuda:0`` on every
+its node plus ``LOCAL_RANK``. Until a process selects its GPU, ``cuda`` means the first GPU on every
 rank, so :func:`rank_device` runs first in every entry point (pretraining, evaluation, bench), before
 a model, a tensor or a CUDA context is made, and everything after it uses the device it returns.
 """
