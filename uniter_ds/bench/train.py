@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -432,6 +433,12 @@ def profile_steps(step: Callable[[str, list[UniterBatch]], None], feed: Iterator
     return summary
 
 
+def is_annotation(name: str) -> bool:
+    """A profiler annotation such as ``Optimizer.step#AdamW.step``: on the GPU timeline it spans kernels
+    that have rows of their own (kernel names like ``...{lambda()#3}...`` are not annotations)."""
+    return re.fullmatch(r"[\w.\-]+#[\w.\-]+", name) is not None
+
+
 def profile_rows(events: Any, on_gpu: bool) -> list[dict[str, Any]]:
     """(name, self time in us, calls, where) for every profiler row that took time on the clock that
     matters: on a GPU the device rows only (kernels, memcpy, memset), whose self times partition the
@@ -440,8 +447,7 @@ def profile_rows(events: Any, on_gpu: bool) -> list[dict[str, Any]]:
     for event in events:
         is_device_row = str(getattr(event, "device_type", "")).endswith("CUDA")
         if on_gpu:
-            # A user annotation (``Optimizer.step#AdamW.step``) spans kernels that have rows of their own.
-            if not is_device_row or getattr(event, "is_user_annotation", False) or "#" in event.key:
+            if not is_device_row or getattr(event, "is_user_annotation", False) or is_annotation(event.key):
                 continue
             us = event.self_device_time_total
         else:
