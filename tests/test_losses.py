@@ -96,20 +96,47 @@ def test_mrc_targets_the_best_non_background_class(setup, tiny_config):
     torch.testing.assert_close(out.item_losses, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_mrc_kl_is_kl_from_the_detector_distribution(setup):
+def _kl_terms(model, samples, batch) -> torch.Tensor:
+    """[masked regions, classes]: p * (log p - log q) of every masked region, by hand."""
+    states = model.uniter(batch).per_sample()
+    terms = []
+    for s, st in zip(samples, states):
+        h = _head_transform(model.mrc_head.transform, st["regions"][s["img_masks"]])
+        logq = _log_softmax(h @ model.mrc_head.classifier.weight.T + model.mrc_head.classifier.bias)
+        p = s["img_soft_labels"][s["img_masks"]]
+        terms.append(p * (torch.log(p) - logq))
+    return torch.cat(terms)
+
+
+def test_mrc_kl_default_is_the_reference_objective(setup, tiny_config):
+    """The reference trains on kl_div(log q, p, reduction='none').mean(): over regions AND classes."""
     model, samples = setup
     batch = collate(samples)
     with torch.no_grad():
         out = model(batch, "mrc-kl")
-        states = model.uniter(batch).per_sample()
-        expected = []
-        for s, st in zip(samples, states):
-            h = _head_transform(model.mrc_head.transform, st["regions"][s["img_masks"]])
-            logq = _log_softmax(h @ model.mrc_head.classifier.weight.T + model.mrc_head.classifier.bias)
-            p = s["img_soft_labels"][s["img_masks"]]
-            expected.append((p * (torch.log(p) - logq)).sum(-1))
-        expected = torch.cat(expected)
+        terms = _kl_terms(model, samples, batch)
+    assert terms.shape[1] == tiny_config.img_label_dim
+    torch.testing.assert_close(out.loss, terms.mean(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.item_losses, terms.sum(-1) / tiny_config.img_label_dim, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.parts["kl_per_region"], terms.sum(-1).mean(), atol=1e-5, rtol=1e-5)
+    # Accuracy as the reference's validation counts it for MRC-kl: argmax over all classes, background too.
+    soft = torch.cat([s["img_soft_labels"][s["img_masks"]] for s in samples])
+    logq = torch.log(soft) - terms / soft  # q from the KL terms: p (log p - log q)
+    assert int(out.num_correct) == int((logq.argmax(-1) == soft.argmax(-1)).sum())
+
+
+def test_mrc_kl_per_region_option_is_each_regions_whole_kl(setup, tiny_config):
+    model, samples = setup
+    per_region = UniterForPretraining(tiny_config, mrc_kl="per_region").eval()
+    per_region.load_state_dict(model.state_dict())
+    batch = collate(samples)
+    with torch.no_grad():
+        out = per_region(batch, "mrc-kl")
+        expected = _kl_terms(per_region, samples, batch).sum(-1)
     torch.testing.assert_close(out.item_losses, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, expected.mean(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mrc_kl='sum'"):
+        UniterForPretraining(tiny_config, mrc_kl="sum")
 
 
 def _ipot_by_hand(cost: np.ndarray, beta=0.5, iterations=50) -> np.ndarray:

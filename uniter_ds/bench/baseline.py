@@ -43,7 +43,7 @@ class BaselineUniter(nn.Module):
         self.mrfr_head = MrfrHead(config, self.img_embeddings.img_linear.weight)
         self.mrc_head = MrcHead(config)
         self.itm_head = nn.Linear(config.hidden_size, 2)
-        self.wra_weight, self.ipot = pretrain.wra_weight, pretrain.ipot
+        self.wra_weight, self.ipot, self.mrc_kl = pretrain.wra_weight, pretrain.ipot, pretrain.mrc_kl
 
     @classmethod
     def from_uniter(cls, pretrain: UniterForPretraining) -> BaselineUniter:
@@ -109,6 +109,8 @@ class BaselineUniter(nn.Module):
                 losses = F.cross_entropy(logits, soft[:, 1:].argmax(-1) + 1, reduction="none")
             else:
                 losses = F.kl_div(F.log_softmax(logits, -1), soft, reduction="none").sum(-1)
+                if self.mrc_kl == "original":
+                    losses = losses / soft.size(-1)
             return TaskOutput(task, losses.mean(), losses, rows)
         pooled = self.bert.pooler(sequence)
         logits = self.itm_head(pooled).float()

@@ -425,16 +425,28 @@ class TaskOutput:
         return self.item_losses.numel()
 
 
+MRC_KL_OBJECTIVES = ("original", "per_region")
+
+
 class UniterForPretraining(UniterPreTrainedModel):
     """UNITER with the MLM, MRFR, MRC / MRC-kl and ITM (+ WRA) heads. One task per forward.
 
     WRA runs on ITM batches: item loss = CE + ``wra_weight`` * (+d if matched, -d if swapped),
     d the IPOT distance between the pair's word and region states; ``wra_weight=0`` is plain ITM.
+
+    MRC-kl: ``mrc_kl="original"`` (default) trains on the reference's objective, the mean of the
+    elementwise KL terms over masked regions AND classes, i.e. each region's KL divided by the number of
+    classes (1601 for real features); ``"per_region"`` trains on each region's whole KL, 1601x larger
+    against the other tasks. Either way ``parts["kl_per_region"]`` is the per-region KL, the number the
+    reference's validation reports.
     """
 
     def __init__(self, config: UniterConfig, wra_weight: float = 0.1, ipot_beta: float = 0.5,
-                 ipot_iterations: int = 50, ipot_inner_steps: int = 1):
+                 ipot_iterations: int = 50, ipot_inner_steps: int = 1, mrc_kl: str = "original"):
         super().__init__()
+        if mrc_kl not in MRC_KL_OBJECTIVES:
+            raise ValueError(f"mrc_kl={mrc_kl!r}: expected one of {', '.join(MRC_KL_OBJECTIVES)}")
+        self.mrc_kl = mrc_kl
         self.config = config
         self.uniter = UniterModel(config)
         self.mlm_head = MlmHead(config, self.uniter.embeddings.word_embeddings.weight)
@@ -478,13 +490,18 @@ class UniterForPretraining(UniterPreTrainedModel):
         logits = self.mrc_head(hidden).float()
         # The detector's top non-background class (class 0 is background and never a target).
         hard = soft[:, 1:].argmax(-1) + 1
+        parts = None
         if task == "mrc":
             losses = F.cross_entropy(logits, hard, reduction="none")
         else:  # KL(detector distribution || predicted distribution)
-            losses = F.kl_div(F.log_softmax(logits, -1), soft, reduction="none").sum(-1)
-        # Accuracy over the object classes, as the target: background is never the answer.
-        correct = (logits[:, 1:].argmax(-1) + 1 == hard).sum()
-        return TaskOutput(task, losses.mean(), losses, sample, correct)
+            kl_per_region = F.kl_div(F.log_softmax(logits, -1), soft, reduction="none").sum(-1)
+            losses = kl_per_region / soft.size(-1) if self.mrc_kl == "original" else kl_per_region
+            parts = {"kl_per_region": kl_per_region.mean()}
+        if task == "mrc":  # accuracy over the object classes, as the target: background is never the answer
+            correct = (logits[:, 1:].argmax(-1) + 1 == hard).sum()
+        else:  # the reference's MRC-kl accuracy: argmax over every class, background included
+            correct = (logits.argmax(-1) == soft.argmax(-1)).sum()
+        return TaskOutput(task, losses.mean(), losses, sample, correct, parts=parts)
 
     def itm_loss(self, out: UniterOutput, batch: UniterBatch) -> TaskOutput:
         _require(batch, "itm", "itm_targets")

@@ -32,6 +32,9 @@ class ModelSection:
     # "hf:FOLDER" (a folder from save_pretrained / export). None: random init.
     init_from: str | None = None
     wra_weight: float = 0.1
+    # MRC-kl objective: "original" (the reference's: KL averaged over regions and classes) or
+    # "per_region" (each region's whole KL; 1601x larger against the other tasks on real features).
+    mrc_kl: str = "original"
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder layers (dynamic shapes)
 
@@ -124,7 +127,8 @@ class ExperimentConfig:
                    "data.masking": (self.data.masking, ("conditional", "joint")),
                    "data.resume": (self.data.resume, ("replay", "reseed")),
                    "optim.implementation": (self.optim.implementation, ("torch", "deepspeed")),
-                   "model.preset": (self.model.preset, ("tiny", "base", "large"))}
+                   "model.preset": (self.model.preset, ("tiny", "base", "large")),
+                   "model.mrc_kl": (self.model.mrc_kl, ("original", "per_region"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise bad(key, f"{value!r} is not one of {list(allowed)}")

@@ -59,7 +59,7 @@ def build_model(config: ExperimentConfig) -> UniterForPretraining:
             model_config = UniterConfig.from_dict(model_config.to_dict() | section.overrides)
     else:
         model_config = UniterConfig.from_preset(section.preset, **section.overrides)
-    model = UniterForPretraining(model_config, wra_weight=section.wra_weight)
+    model = UniterForPretraining(model_config, wra_weight=section.wra_weight, mrc_kl=section.mrc_kl)
     model.uniter.encoder.activation_checkpointing = section.activation_checkpointing
     if section.compile:
         model.uniter.encoder.compile_layers()
@@ -71,7 +71,8 @@ def build_model(config: ExperimentConfig) -> UniterForPretraining:
             report = load_original_state_dict(model, torch.load(path, map_location="cpu", weights_only=True),
                                               strict=False)
         else:
-            loaded = UniterForPretraining.from_pretrained(path, strict=False, wra_weight=section.wra_weight)
+            loaded = UniterForPretraining.from_pretrained(path, strict=False, wra_weight=section.wra_weight,
+                                                          mrc_kl=section.mrc_kl)
             model.load_state_dict(loaded.state_dict())
             report = None
         if report is not None and is_rank0():
