@@ -124,12 +124,13 @@ def budget_batches(samples: Iterator[TaskSample], token_budget: int, pool_budget
 
     The streaming form of the reference's token-bucket sampler: samples gather in a pool until it
     holds ``pool_budgets`` budgets' worth of tokens (at least ``min_pool_tokens``, about the
-    reference's 8192-pair pool, so small budgets pad as little as large ones); the pool is sorted by length and cut into
-    batches, each as large as fits; the full batches leave in random order and the last, unfinished
-    one (the pool's longest samples) stays for the next pool. So every batch but the stream's last
-    fills >= 95% of the budget at any budget, with ~5% padding on 10-100-region data (tested), and the memory held is ``pool_budgets`` budgets of tokens. (Length buckets with a cap on
-    waiting samples, the first design, flushed half-empty buckets at large budgets: a 64k budget ran
-    ~20k-token batches.) A sample longer than the budget goes alone.
+    reference's 8192-pair pool, so small budgets pad as little as large ones); the pool is sorted by
+    length and cut into batches, each as large as fits; the full batches leave in random order and the
+    last, unfinished one (the pool's longest samples) stays for the next pool. So every batch but the
+    stream's last fills >= 95% of the budget at any budget, with 1-5% padding on 10-100-region data
+    (tested), and the memory held is the pool. (Length buckets with a cap on waiting samples, the first
+    design, flushed half-empty buckets at large budgets: a 64k budget ran ~20k-token batches.) A sample
+    longer than the budget goes alone.
     """
     rng = rng or np.random.default_rng(0)
     pool: list[TaskSample] = []
