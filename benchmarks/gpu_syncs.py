@@ -4,7 +4,7 @@ each task, for each ZeRO stage, with the line of our code or DeepSpeed's that ma
     python benchmarks/gpu_syncs.py --preset tiny --out syncs.json
 
 CUDA's sync debug mode in "warn" mode reports each synchronising call without stopping the step, so
-one run lists them all (tests/test_gpu.py asserts there are none, in "error" mode).
+one run lists them all (``uniter_ds.bench.syncs``; tests/test_gpu.py asserts none comes from our code).
 """
 
 from __future__ import annotations
@@ -13,20 +13,15 @@ import argparse
 import json
 import sys
 import traceback
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 
-def site(stack: list[traceback.FrameSummary]) -> str:
-    """The innermost frame outside torch itself: the code that asked for the synchronisation."""
-    for frame in reversed(stack):
-        if "/torch/" not in frame.filename and "warnings.py" not in frame.filename:
-            where = frame.filename.split("site-packages/")[-1].split("uniter_ds/")[-1]
-            return f"{where}:{frame.lineno} {frame.name}: {frame.line}"
-    return "unknown"
+def site(frame: traceback.FrameSummary) -> str:
+    where = frame.filename.split("site-packages/")[-1].split("uniter_ds/")[-1]
+    return f"{where}:{frame.lineno} {frame.name}: {frame.line}"
 
 
 def main() -> int:
@@ -43,6 +38,7 @@ def main() -> int:
     import deepspeed
 
     from tests.helpers import collate, random_sample
+    from uniter_ds.bench.syncs import recorded_syncs
     from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
     from uniter_ds.model import UniterConfig, UniterForPretraining
     from uniter_ds.train.distributed import init_distributed
@@ -70,27 +66,12 @@ def main() -> int:
         for task in args.tasks:  # warm-up: first-step allocations and lazy set-up are not the steady state
             train_step(engine, [data[task]], [Stream("s", task)], device, device, window, names)
         synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
-        set_mode = torch.cuda.set_sync_debug_mode if on_gpu else (lambda mode: None)
         synchronize()
         for task in args.tasks:
-            found: Counter[str] = Counter()
-
-            def record(message, category, filename, lineno, file=None, line=None, found=found):
-                if "synchronizing CUDA operation" in str(message):  # not the "prototype feature" notice
-                    found[site(traceback.extract_stack()[:-1])] += 1
-
-            previous = warnings.showwarning
-            warnings.showwarning = record
-            set_mode("warn")
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("always")
-                    warnings.showwarning = record
-                    train_step(engine, [data[task]], [Stream("s", task)], device, device, window, names)
-            finally:
-                set_mode("default")
-                warnings.showwarning = previous
+            with recorded_syncs() as frames:
+                train_step(engine, [data[task]], [Stream("s", task)], device, device, window, names)
             synchronize()
+            found = Counter(site(frame) for frame in frames)
             report.setdefault(f"zero{zero}-{args.precision} ({source})", {})[task] = dict(found)
             print(f"ZeRO-{zero} {args.precision} {task}: {sum(found.values())} synchronisations", flush=True)
             for where, count in found.most_common():

@@ -63,7 +63,10 @@ def engine_for(model: torch.nn.Module, zero: int, precision: str):
     return engine
 
 
-def run_steps(engine, data: list[tuple[str, UniterBatch]], device: torch.device, steps: int = STEPS) -> list[float]:
+def run_steps(engine, data: list[tuple[str, UniterBatch]], device: torch.device, steps: int = STEPS,
+              read_losses: bool = True) -> list[float]:
+    """``steps`` training steps over ``data`` in turn; each step's loss (read on the host, so not
+    with ``read_losses=False``, which leaves the step as training runs it)."""
     from uniter_ds.train.pretrain import train_step
     from uniter_ds.train.scheduler import Stream
 
@@ -73,10 +76,11 @@ def run_steps(engine, data: list[tuple[str, UniterBatch]], device: torch.device,
     for step in range(steps):
         task, batch = data[step % len(data)]
         train_step(engine, [batch], [Stream("test", task)], device, device, window, names)
-        index = names.index(f"test/{task}")
-        losses.append(float(window["loss"][index] / window["items"][index]))
-        for value in window.values():
-            value.zero_()
+        if read_losses:
+            index = names.index(f"test/{task}")
+            losses.append(float(window["loss"][index] / window["items"][index]))
+            for value in window.values():
+                value.zero_()
     return losses
 
 
@@ -119,8 +123,7 @@ def test_training_step_never_waits_for_the_host(device, task):
     """forward, backward and optimizer step of every task under the production ZeRO-2 bf16 config,
     with CUDA's sync debug mode reporting each host synchronisation and where it came from: none from
     our code, and no more than the known ones inside DeepSpeed's gradient clipping."""
-    import traceback
-    import warnings
+    from uniter_ds.bench.syncs import recorded_syncs
 
     config = small_config()
     torch.manual_seed(0)
@@ -128,36 +131,12 @@ def test_training_step_never_waits_for_the_host(device, task):
     data = [(t, b) for t, b in batches(config) if t == task]
     run_steps(engine, data, device, steps=1)  # first step: allocations, lazy initialisation
     torch.cuda.synchronize()
-    sites: list[str] = []
-
-    def record(message, *args, **kwargs) -> None:
-        if "synchronizing CUDA operation" not in str(message):
-            return  # e.g. the "prototype feature" notice the first set_sync_debug_mode call prints
-        frames = [f for f in traceback.extract_stack()[:-1]
-                  if "/torch/" not in f.filename and "warnings.py" not in f.filename]
-        sites.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            run_steps_without_reading(engine, data, device)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    with recorded_syncs() as frames:
+        run_steps(engine, data, device, steps=len(data), read_losses=False)
+    sites = [f"{frame.filename}:{frame.lineno}" for frame in frames]
     ours = [site for site in sites if "/deepspeed/" not in site]
     assert not ours, f"host synchronisations in our step: {ours}"
     assert len(sites) <= DEEPSPEED_SYNCS_PER_STEP, f"DeepSpeed now synchronises more often: {sites}"
-
-
-def run_steps_without_reading(engine, data, device) -> None:
-    from uniter_ds.train.pretrain import train_step
-    from uniter_ds.train.scheduler import Stream
-
-    names = [f"test/{task}" for task, _ in data]
-    window = {k: torch.zeros(len(names), dtype=torch.float64, device=device) for k in ("loss", "items", "correct")}
-    for task, batch in data:
-        train_step(engine, [batch], [Stream("test", task)], device, device, window, names)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

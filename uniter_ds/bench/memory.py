@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-OUT_OF_MEMORY = ("OutOfMemoryError", "CUDA out of memory", "out of memory", "Cannot allocate memory")
+# What an allocation failure says, in a process's output or an exception's message (cuBLAS and cuDNN
+# report theirs as their own errors).
+OUT_OF_MEMORY = ("OutOfMemoryError", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                 "cudaErrorMemoryAllocation", "Cannot allocate memory")
 
 
 @dataclass

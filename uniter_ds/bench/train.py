@@ -40,6 +40,7 @@ from ..model.kernels import active_kernels, sdpa_backend
 from ..train.distributed import init_distributed
 from .baseline import BaselineUniter
 from .flops import training_flops
+from .memory import OUT_OF_MEMORY
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, without sparsity) from the datasheets, matched against
 # torch.cuda.get_device_name in this order: the first pattern found in the name wins, so the PCIe and
@@ -104,14 +105,19 @@ class BenchSettings:
 # ---------------------------------------------------------------------------------------------
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of ``keys`` (None without one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
+            if line.startswith(keys):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    return set((_cpuinfo("flags", "Features") or "").split())
 
 
 def cpu_native_bf16(flags: set[str] | None = None) -> bool:
@@ -160,13 +166,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"{_cpuinfo('model name') or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def git_commit(where: Path | None = None) -> str:
@@ -235,10 +235,6 @@ def _memory(device: torch.device) -> dict[str, float]:
         out["device_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
         out["device_total_gb"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     return out
-
-
-OUT_OF_MEMORY = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                 "cudaErrorMemoryAllocation", "Cannot allocate memory")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
