@@ -28,6 +28,8 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
         variant.append(f"{settings['optimizer']} AdamW")
     if settings.get("activation_checkpointing"):
         variant.append("act. ckpt")
+    if settings.get("source", "memory") != "memory":
+        variant.append(f"from {settings['source']}")
     rows = []
     for run in report.get("runs", []):
         for system in ("ours", "baseline"):

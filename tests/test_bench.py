@@ -362,6 +362,8 @@ def test_gpu_check_dry_run(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"check.log", "summary.json", "results.tar.gz", "compare.json"} <= set(files)
     rows = json.loads((out / "summary.json").read_text())["rows"]
-    assert {(row["system"], row["variant"]) for row in rows if row["status"] == "ok"} == {
-        ("ours", "eager"), ("baseline", "eager"), ("ours", "compiled")}
+    # the baseline is plain PyTorch (no ZeRO stage)
+    assert {(row["system"], row["variant"], row["zero"]) for row in rows if row["status"] == "ok"} == {
+        ("ours", "eager", 2), ("baseline", "eager", None), ("ours", "eager", 1), ("ours", "eager", 0),
+        ("ours", "from shards", 2), ("ours", "compiled", 2)}
     assert all(row["status"] == "ok" for row in rows)
