@@ -152,6 +152,18 @@ def test_bottom_up_tsv_with_captions_and_a_tokenizer_folder(tmp_path):
                 if str(c["image_id"]) == image_id]
         assert [c["input_ids"] for c in image.captions] == want
         assert all(t != 1 for ids in want for t in ids)  # no [UNK]: the words are in the vocabulary
+    # The tokenizer travels with the converted data, and on into an export: AutoTokenizer, same ids, casing.
+    from transformers import AutoTokenizer
+
+    from uniter_ds.export import _export_tokenizer
+
+    assert manifest.tokenizer.lowercase is True  # BertTokenizer's default
+    (tmp_path / "hf").mkdir()
+    info = _export_tokenizer({"data": {"train": [{"paths": [str(tmp_path / "out")]}]}}, tmp_path / "hf")
+    assert info["exported"] and info["lowercase"] is True
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for caption in captions:
+        assert exported(caption["caption"])["input_ids"] == tokenizer(caption["caption"])["input_ids"]
 
 
 def test_cli_synth_inspect_and_a_corrupt_dataset(tmp_path):

@@ -132,7 +132,9 @@ def test_base_state_dict_exports_to_the_reference_layout_and_imports_back(tmp_pa
     original = torch.load(tmp_path / "out" / "uniter" / "uniter-base.pt", weights_only=True)
     assert {k: tuple(v.shape) for k, v in original.items()} == _reference_shapes()
     original_config = json.loads((tmp_path / "out" / "uniter" / "uniter-base.json").read_text())
-    assert original_config["hidden_size"] == 768 and "img_dim" not in original_config
+    # the image dims travel too: the original code and import-uniter read them from this file
+    assert original_config["hidden_size"] == 768 and original_config["img_dim"] == 2048
+    assert original_config["img_label_dim"] == 1601 and original_config["layer_norm_eps"] == 1e-12
     folder = tmp_path / "out" / "uniter"
     result = import_uniter(folder / "uniter-base.pt", folder / "uniter-base.json", tmp_path / "imported")
     assert result["missing"] == [] and result["unexpected"] == []
@@ -162,3 +164,131 @@ def test_readme_fine_tuning_snippet_runs(checkpoints, tmp_path):
     exec(snippet.replace("runs/demo/export/hf", str(tmp_path / "export" / "hf")), namespace)  # noqa: S102
     assert namespace["logits"].shape == (2, 3)
     assert namespace["loss"].requires_grad
+
+
+# Run where uniter_ds cannot be imported: transformers alone must load the export (remote code).
+TRANSFORMERS_ALONE = r"""
+import importlib.abc, sys
+class NoUniterDs(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "uniter_ds" or name.startswith("uniter_ds."):
+            raise ImportError("uniter_ds is not installed here")
+sys.meta_path.insert(0, NoUniterDs())
+import torch
+from transformers import AutoModel, AutoModelForPreTraining, AutoTokenizer
+folder, inputs_file, out_file = sys.argv[1:4]
+inputs = torch.load(inputs_file)
+encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+full = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder)
+with torch.no_grad():
+    out, full_out = encoder(**inputs), full.uniter(**inputs)
+try:
+    import uniter_ds  # noqa: F401
+    blocked = False
+except ImportError:
+    blocked = True
+torch.save({"hidden": out.last_hidden_state, "pooled": out.pooler_output, "full": full_out.last_hidden_state,
+            "module": type(encoder).__module__, "blocked": blocked,
+            "ids": tokenizer("A dog next to a cat")["input_ids"]}, out_file)
+"""
+
+
+def test_export_loads_with_transformers_alone(checkpoints, tmp_path):
+    """AutoModel / AutoModelForPreTraining / AutoTokenizer from the export folder in a process where
+    uniter_ds cannot be imported: the same outputs, the training data's tokenizer."""
+    import os
+    import subprocess
+    import sys
+
+    from .test_hf import padded_inputs
+
+    export(checkpoints[2], tmp_path / "out", heads=True)
+    hf = tmp_path / "out" / "hf"
+    config = json.loads((hf / "config.json").read_text())
+    assert config["model_type"] == "uniter" and config["auto_map"]["AutoModel"] == "modeling.UniterModel"
+    assert {"modeling.py", "config.py", "inputs.py", "kernels.py", "ot.py", "tokenizer.json"} <= \
+        {p.name for p in hf.iterdir()}
+    inputs = padded_inputs(UniterConfig.from_preset("tiny"), seed=7)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "alone.py").write_text(TRANSFORMERS_ALONE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(tmp_path / "alone.py"), str(hf), str(tmp_path / "inputs.pt"),
+                             str(tmp_path / "alone.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = torch.load(tmp_path / "alone.pt")
+    assert alone["blocked"] and alone["module"].startswith("transformers_modules")
+    ours = UniterModel.from_pretrained(hf).eval()
+    with torch.no_grad():
+        expected = ours(**inputs)
+    torch.testing.assert_close(alone["hidden"], expected.last_hidden_state, atol=1e-6, rtol=0)
+    torch.testing.assert_close(alone["pooled"], expected.pooler_output, atol=1e-6, rtol=0)
+    torch.testing.assert_close(alone["full"], expected.last_hidden_state, atol=1e-6, rtol=0)
+    # The synthetic corpus is lower-cased whole words: the exported tokenizer gives the vocabulary's ids.
+    vocab = (checkpoints[2].parent / "data" / "vocab.txt").read_text().splitlines()
+    words = ["[CLS]", "a", "dog", "next", "to", "a", "cat", "[SEP]"]
+    assert alone["ids"] == [vocab.index(w) for w in words]
+    card = (hf / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "transformers" and "uniter" in meta["tags"] and meta["datasets"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base", "large"])
+def test_import_uniter_reads_our_own_original_layout_export(preset, tmp_path):
+    """export --format uniter, then import-uniter of what it wrote: every weight back, nothing missing."""
+    torch.manual_seed(0)
+    config = UniterConfig.from_preset(preset)
+    model = UniterForPretraining(config)
+    dtype = "bf16" if preset == "large" else "fp32"  # keeps the large test's files at 0.7 GB
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    config.to_json_file(tmp_path / "config.json")
+    result = export(tmp_path / "weights.pt", tmp_path / "out", fmt="uniter", heads=True, dtype=dtype,
+                    config_file=tmp_path / "config.json")
+    assert not any("itm_output" in w for w in result["warnings"])
+    del model
+    written = Path(result["written"]["uniter"])
+    imported = import_uniter(written, written.with_suffix(".json"), tmp_path / "imported")
+    assert imported["missing"] == [] and imported["unexpected"] == []
+    back = UniterForPretraining.from_pretrained(tmp_path / "imported")
+    original = torch.load(tmp_path / "weights.pt", weights_only=True)
+    for name, tensor in back.state_dict().items():
+        want = original[name].to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        assert torch.equal(tensor.to(want.dtype), want), name
+
+
+def test_encoder_only_original_export_warns_about_the_retrieval_head(tiny_config, tmp_path):
+    torch.save(UniterForPretraining(tiny_config).state_dict(), tmp_path / "weights.pt")
+    tiny_config.to_json_file(tmp_path / "config.json")
+    result = export(tmp_path / "weights.pt", tmp_path / "out", fmt="uniter", config_file=tmp_path / "config.json")
+    assert any("itm_output" in w and "--heads" in w for w in result["warnings"])
+
+
+def test_export_training_and_analysis_do_not_reach_into_each_other():
+    """Checkpoint discovery lives in uniter_ds/run_layout.py and plotting in uniter_ds/plotting.py, so export
+    imports nothing from train/ and analysis/ nothing from bench/ (an import cycle once, a private helper)."""
+    import ast
+
+    package = ROOT / "uniter_ds"
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+        return names
+
+    assert not {m for m in imported(package / "export.py") if m.startswith(".train")}
+    for module in (package / "analysis").glob("*.py"):
+        assert not {m for m in imported(module) if m.startswith("..bench")}, module
+
+
+def test_readme_transformers_snippet_runs(checkpoints, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"<!-- transformers snippet -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    export(checkpoints[2], tmp_path / "export")
+    namespace: dict = {}
+    exec(snippet.replace("runs/demo/export/hf", str(tmp_path / "export" / "hf")), namespace)  # noqa: S102
+    assert namespace["out"].logits.shape == (2, 3) and torch.isfinite(namespace["out"].loss)
+    assert namespace["model"].classifier.weight.grad is not None

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True)
     convert.add_argument("--img-dir", help="original: folder of per-image .npz files")
     convert.add_argument("--txt", help="original: JSON-lines text table or LMDB txt_db folder (meta.json beside/in it)")
-    convert.add_argument("--vocab", help="original: the tokenizer's vocab.txt, to record its hash")
+    convert.add_argument("--vocab", help="original: the tokenizer's vocab.txt; its hash is recorded and a copy kept "
+                         "beside the shards, so exports carry the tokenizer")
     convert.add_argument("--no-soft-labels", action="store_true", help="original: do not store soft labels")
     convert.add_argument("--tsv", help="tsv: the bottom-up-attention features file")
     convert.add_argument("--captions", help="tsv: JSON lines of {image_id, caption}")

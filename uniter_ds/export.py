@@ -11,6 +11,7 @@ writes ``DIR/hf`` (config.json + model.safetensors, tokenizer files, a model car
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +28,12 @@ from .model import (
     load_original_state_dict,
     to_original_state_dict,
 )
+from .model.config import UNITER_FIELDS
 from .model.modeling import tied_parameter_names
-from .train.checkpointing import find_resume_point
+from .run_layout import find_resume_point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Keys of the original code's model config (uniter-base.json); the image dims are its defaults.
-ORIGINAL_CONFIG_KEYS = ("attention_probs_dropout_prob", "hidden_act", "hidden_dropout_prob", "hidden_size",
-                        "initializer_range", "intermediate_size", "max_position_embeddings", "num_attention_heads",
-                        "num_hidden_layers", "type_vocab_size", "vocab_size")
+logger = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -147,38 +146,84 @@ def probe_batch(config: UniterConfig, seed: int = 0):
     return build_batch(ids, feats, pos)
 
 
-def _tokenizer_files(experiment: dict[str, Any], out: Path) -> dict[str, Any] | None:
-    """Copy the training data's tokenizer description (manifest) and vocabulary, when they are found."""
+def _export_tokenizer(experiment: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """The training data's tokenizer as a Hugging Face tokenizer in ``out`` (``AutoTokenizer`` loads it):
+    the tokenizer folder a conversion saved (``DATASET/tokenizer``), or a WordPiece tokenizer over the
+    dataset's ``vocab.txt`` with its casing. Checked against the ids the captions were written with.
+    Returns the manifest's tokenizer description, or None when the data carries no vocabulary."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    from .data.format import TokenizerInfo
+
     for dataset in experiment.get("data", {}).get("train", []):
         for source in dataset.get("paths", []):
             manifest = Path(source) / "manifest.json"
-            if manifest.exists():
-                info = json.loads(manifest.read_text())["tokenizer"]
-                (out / "tokenizer_info.json").write_text(json.dumps(info, indent=2) + "\n")
-                if (Path(source) / "vocab.txt").exists():
-                    shutil.copy(Path(source) / "vocab.txt", out / "vocab.txt")
-                return info
+            if not manifest.exists():
+                continue
+            raw = json.loads(manifest.read_text())["tokenizer"]
+            info = TokenizerInfo(**raw)
+            (out / "tokenizer_info.json").write_text(json.dumps(raw, indent=2) + "\n")
+            if (Path(source) / "tokenizer").is_dir():
+                tokenizer = AutoTokenizer.from_pretrained(str(Path(source) / "tokenizer"), local_files_only=True)
+            elif (Path(source) / "vocab.txt").exists():
+                words = (Path(source) / "vocab.txt").read_text().splitlines()
+                tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)},
+                                          do_lower_case=info.guess_lowercase(), unk_token="[UNK]")
+            else:
+                return raw | {"exported": False}
+            expected = {"cls": info.cls_id, "sep": info.sep_id, "mask": info.mask_id, "pad": info.pad_id}
+            got = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "mask": tokenizer.mask_token_id,
+                   "pad": tokenizer.pad_token_id}
+            if got != expected:
+                raise ExportError(f"{source}: the tokenizer's special token ids {got} differ from the ids the "
+                                  f"captions were written with {expected} (manifest.json)")
+            tokenizer.save_pretrained(str(out))
+            return raw | {"exported": True}
     return None
 
 
 def _model_card(source: Source, heads: bool, dtype: str, tokenizer: dict[str, Any] | None) -> str:
-    experiment = source.experiment
-    lines = [f"# UNITER ({'with pretraining heads' if heads else 'encoder'})", "",
+    """README.md with Hugging Face model-card metadata (library, tags, datasets, held-out metrics)."""
+    experiment, config = source.experiment, source.config
+    datasets = []
+    for dataset in experiment.get("data", {}).get("train", []):
+        for path in dataset.get("paths", []):
+            manifest = Path(path) / "manifest.json"
+            name = json.loads(manifest.read_text()).get("name") if manifest.exists() else None
+            datasets.append(name or dataset.get("name") or str(path))
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
+                            "tags": ["uniter", "uniter-ds", "vision-language", "image-text", "custom_code"]}
+    if datasets:
+        meta["datasets"] = sorted(set(datasets))
+    if source.eval_metrics:
+        metrics = [{"type": k, "name": k, "value": round(float(v), 6)} for k, v in sorted(source.eval_metrics.items())]
+        meta["model-index"] = [{"name": "uniter", "results": [{
+            "task": {"type": "image-text-pretraining", "name": "held-out pretraining tasks"}, "metrics": metrics}]}]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# UNITER ({'with pretraining heads' if heads else 'encoder'})", "",
              "Exported by uniter-ds from " + (source.origin or "a state dict") + ".", "",
-             f"- architecture: {source.config.num_hidden_layers} layers, hidden {source.config.hidden_size}, "
-             f"{source.config.num_attention_heads} heads; image features {source.config.img_dim}-d",
+             f"- architecture: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+             f"{config.num_attention_heads} heads; image features {config.img_dim}-d, "
+             f"{config.img_label_dim} detector classes",
              f"- weights: {dtype}; training step: {source.step if source.step is not None else 'unknown'}"]
     if tokenizer:
-        lines.append(f"- tokenizer: {tokenizer['name']} (vocab sha256 {tokenizer['vocab_sha256'][:16]}...)")
+        lines.append(f"- tokenizer: {tokenizer['name']} (vocab sha256 {tokenizer['vocab_sha256'][:16]}...)"
+                     + ("" if tokenizer.get("exported") else "; NOT included: the training data carries no vocabulary"))
     if experiment:
-        data = experiment.get("data", {})
-        datasets = [f"{d['name']} {d['paths']} tasks {d['tasks']}" for d in data.get("train", [])]
-        lines.append("- data: " + "; ".join(datasets))
+        train = experiment.get("data", {}).get("train", [])
+        lines.append("- data: " + "; ".join(f"{d['name']} {d['paths']} tasks {d['tasks']}" for d in train))
     if source.eval_metrics:
         lines += ["", "## Held-out evaluation at the end of training", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in sorted(source.eval_metrics.items())]
-    lines += ["", "## Load", "", "```python", "from uniter_ds.model import UniterModel",
-              "model = UniterModel.from_pretrained(\"PATH/hf\")", "```"]
+    lines += ["", "## Load", "", "With `transformers` alone (the modeling code travels in this folder):", "",
+              "```python", "from transformers import AutoModel, AutoTokenizer",
+              'model = AutoModel.from_pretrained("PATH/hf", trust_remote_code=True)',
+              'tokenizer = AutoTokenizer.from_pretrained("PATH/hf")',
+              "out = model(input_ids=..., attention_mask=..., img_feat=..., img_pos=..., img_attention_mask=...)",
+              "out.last_hidden_state, out.pooler_output", "```", "",
+              "`AutoModelForSequenceClassification` (with `num_labels=...`) gives a classifier over the pooled "
+              "state that `transformers.Trainer` fine-tunes; with uniter-ds installed, "
+              "`uniter_ds.model.UniterModel.from_pretrained` loads the same folder."]
     if experiment:
         lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(experiment, sort_keys=False).strip(), "```"]
     return "\n".join(lines) + "\n"
@@ -206,6 +251,7 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    warnings: list[str] = []
     try:
         batch = probe_batch(source.config)
         reference = _outputs(model, batch)
@@ -213,9 +259,12 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
         written: dict[str, str] = {}
         if fmt in ("hf", "both"):
             hf = tmp / "hf"
-            model.to(DTYPES[dtype]).save_pretrained(hf, max_shard_bytes=max_shard_bytes)
+            model.to(DTYPES[dtype]).save_pretrained(hf, max_shard_size=max_shard_bytes)
             model.float()
-            tokenizer = _tokenizer_files(source.experiment, hf)
+            tokenizer = _export_tokenizer(source.experiment, hf)
+            if tokenizer is None or not tokenizer["exported"]:
+                warnings.append("no tokenizer exported: the training data carries no vocabulary (convert with "
+                                "--vocab or --tokenizer to include one)")
             (hf / "README.md").write_text(_model_card(source, heads, dtype, tokenizer))
             reloaded = (UniterForPretraining if heads else UniterModel).from_pretrained(hf).float().eval()
             _check(reference, _outputs(reloaded, batch), tolerance, "hf")
@@ -226,8 +275,14 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
             state = {k: v.to(DTYPES[dtype]) for k, v in to_original_state_dict(model).items()}
             name = _original_name(source.config)
             torch.save(state, folder / f"{name}.pt")
-            config = {k: v for k, v in source.config.to_dict().items() if k in ORIGINAL_CONFIG_KEYS}
+            # Every architecture key, the image dims included: the original code reads the json's keys
+            # as they are, and uniter-ds import-uniter reads them back.
+            config = source.config.model_fields()
             (folder / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if not heads:
+                warnings.append("the original-layout checkpoint has no itm_output: the original retrieval "
+                                "fine-tuning (train_itm.py) initialises its rank head from it and would start "
+                                "that head from random weights; export with --heads for retrieval")
             reloaded = (UniterForPretraining if heads else UniterModel)(source.config).eval()
             report = load_original_state_dict(reloaded, torch.load(folder / f"{name}.pt", weights_only=True))
             assert not report.missing and not report.unexpected
@@ -239,7 +294,10 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "written": written, "step": source.step, "dtype": dtype, "heads": heads}
+    for warning in warnings:
+        logger.warning("export %s: %s", out, warning)
+    return {"out": str(out), "written": written, "step": source.step, "dtype": dtype, "heads": heads,
+            "warnings": warnings}
 
 
 def _encoder_of(full: UniterForPretraining) -> UniterModel:
@@ -274,8 +332,7 @@ def import_uniter(file: str | Path, config_file: str | Path, out: str | Path, *,
     except Exception as error:  # noqa: BLE001
         raise ExportError(f"{file}: cannot be read ({error})") from error
     raw = json.loads(Path(config_file).read_text())
-    config = UniterConfig.from_dict({k: v for k, v in raw.items() if k in UniterConfig.__dataclass_fields__},
-                                    source=str(config_file))
+    config = UniterConfig.from_dict({k: v for k, v in raw.items() if k in UNITER_FIELDS}, source=str(config_file))
     model = UniterForPretraining(config)
     report = load_original_state_dict(model, state, strict=False)
     tmp = out.with_name(out.name + ".tmp")

@@ -172,9 +172,9 @@ def write_outputs(report: dict[str, Any], out: str | Path, plot: bool = True) ->
                           f"({report['probe_images']['train']} / {report['probe_images']['test']} images). "
                           "Mean ± std over seeds.\n\n" + markdown_table(report))
     if plot:
-        from ..bench.plots import _pyplot
+        from ..plotting import pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         summary = report["summary"]
         figure, axis = plt.subplots(figsize=(8, 4))
         width = 0.8 / len(PROBES)

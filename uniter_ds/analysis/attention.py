@@ -126,9 +126,9 @@ def analyse(maps: list[Tensor], num_text: list[int]) -> dict[str, Any]:
 
 def plot_grid(maps: Tensor, num_text: int, analysis: dict[str, Any], path: Path, title: str) -> None:
     """Every head's map of one sample, a text/region divider, each titled with its pattern."""
-    from ..bench.plots import _pyplot
+    from ..plotting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     layers, heads = maps.shape[:2]
     figure, axes = plt.subplots(layers, heads, figsize=(1.6 * heads, 1.7 * layers), squeeze=False)
     for layer in range(layers):
@@ -147,9 +147,9 @@ def plot_grid(maps: Tensor, num_text: int, analysis: dict[str, Any], path: Path,
 
 
 def plot_histogram(analysis: dict[str, Any], path: Path, title: str) -> None:
-    from ..bench.plots import _pyplot
+    from ..plotting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     counts = analysis["pattern_counts_by_layer"]
     figure, axis = plt.subplots(figsize=(6, 3.5))
     bottom = [0] * len(counts)

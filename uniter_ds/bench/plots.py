@@ -5,16 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("plots need matplotlib: pip install 'uniter-ds[bench]' (or pass --no-plots)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..plotting import pyplot
 
 
 def _systems(run: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -23,7 +14,7 @@ def _systems(run: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def plot_training(report: dict[str, Any], json_path: str | Path) -> list[Path]:
     """Throughput vs token budget, per-task step time, ours vs baseline."""
-    plt = _pyplot()
+    plt = pyplot()
     stem = Path(json_path).with_suffix("")
     runs = report["runs"]
     title = (f"{report['settings']['preset']}, {report['settings']['precision']}, "
@@ -93,7 +84,7 @@ def plot_training(report: dict[str, Any], json_path: str | Path) -> list[Path]:
 
 
 def plot_memory(report: dict[str, Any], json_path: str | Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     probes = sorted(report["probes"], key=lambda p: p["token_budget"])
     figure, axis = plt.subplots(figsize=(6, 4))
     measured = [p for p in probes if p["peak_gb"] is not None]
@@ -118,7 +109,7 @@ def plot_memory(report: dict[str, Any], json_path: str | Path) -> list[Path]:
 
 
 def plot_data(report: dict[str, Any], json_path: str | Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     rows = report["rows"]
     labels = sorted({(r["regions"], r["task"]) for r in rows}, key=lambda x: (x[0], x[1]))
     workers = sorted({r["workers"] for r in rows})

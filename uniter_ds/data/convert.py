@@ -20,6 +20,7 @@ import base64
 import csv
 import json
 import re
+import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -109,9 +110,10 @@ def original_tokenizer_info(meta_file: Path, vocab_file: Path | None, vocab_size
         size = len(Path(vocab_file).read_text().splitlines())
     else:
         digest, size = "unknown", vocab_size or int(meta["v_range"][1])
-    return TokenizerInfo(name=meta.get("toker", meta.get("bert", "unknown")), vocab_size=size, vocab_sha256=digest,
+    name = meta.get("toker", meta.get("bert", "unknown"))
+    return TokenizerInfo(name=name, vocab_size=size, vocab_sha256=digest,
                          cls_id=meta["cls"], sep_id=meta["sep"], mask_id=meta["mask"], pad_id=meta.get("pad", 0),
-                         random_range=tuple(meta["v_range"]))
+                         random_range=tuple(meta["v_range"]), lowercase="uncased" in name.lower())
 
 
 def convert_original(
@@ -175,6 +177,8 @@ def convert_original(
             report.pairs_written += len(image_captions)
         if not report.images_written:
             raise DataError(f"{img_dir}: no image with captions found (npz files: {len(files)})")
+    if vocab_file is not None:  # the export hands it on: AutoTokenizer of the trained model
+        shutil.copy(vocab_file, Path(out) / "vocab.txt")
     return writer.manifest, report
 
 
@@ -194,9 +198,10 @@ def tokenizer_info_from_hf(folder: str | Path):
     vocab_file = Path(folder) / "vocab.txt"
     digest = TokenizerInfo.hash_vocab(vocab_file) if vocab_file.exists() else \
         TokenizerInfo.hash_vocab(Path(folder) / "tokenizer.json")
+    lowercase = tok("A", add_special_tokens=False)["input_ids"] == tok("a", add_special_tokens=False)["input_ids"]
     info = TokenizerInfo(name=Path(folder).name, vocab_size=len(vocab), vocab_sha256=digest,
                          cls_id=tok.cls_token_id, sep_id=tok.sep_token_id, mask_id=tok.mask_token_id,
-                         pad_id=tok.pad_token_id or 0, random_range=(start, len(vocab)))
+                         pad_id=tok.pad_token_id or 0, random_range=(start, len(vocab)), lowercase=lowercase)
     return tok, info
 
 
@@ -276,4 +281,5 @@ def convert_tsv(
         report.captions_without_image = sum(len(c) for i, c in captions.items() if i not in seen)
         if not report.images_written:
             raise DataError(f"{tsv}: no image with captions found")
+    tok.save_pretrained(str(Path(out) / "tokenizer"))  # the export hands it on (AutoTokenizer)
     return writer.manifest, report

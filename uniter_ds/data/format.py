@@ -111,6 +111,14 @@ class TokenizerInfo:
     pad_id: int
     # Ids drawn for MLM's "random token" replacement: [start, end), the vocabulary's word range.
     random_range: tuple[int, int]
+    # Whether text is lower-cased before WordPiece (bert-base-uncased) or not (-cased, as UNITER's);
+    # None: not recorded (manifests before this field), then guessed from the name by the export.
+    lowercase: bool | None = None
+
+    def guess_lowercase(self) -> bool:
+        if self.lowercase is not None:
+            return self.lowercase
+        return "uncased" in self.name.lower()
 
     def __post_init__(self) -> None:
         self.random_range = tuple(self.random_range)  # JSON gives a list

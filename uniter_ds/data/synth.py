@@ -76,7 +76,7 @@ def synth_dataset(
         name=f"uniter-ds-synth-v1-{num_classes}", vocab_size=len(vocab),
         vocab_sha256=TokenizerInfo.hash_vocab(out / "vocab.txt"),
         cls_id=token_id["[CLS]"], sep_id=token_id["[SEP]"], mask_id=token_id["[MASK]"], pad_id=token_id["[PAD]"],
-        random_range=(len(SPECIAL_TOKENS), len(vocab)),
+        random_range=(len(SPECIAL_TOKENS), len(vocab)), lowercase=True,
     )
     world = np.random.default_rng(world_seed)
     prototypes = np.abs(world.standard_normal((num_classes, img_dim))).astype(np.float32)

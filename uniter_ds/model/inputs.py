@@ -148,7 +148,7 @@ def batch_from_padded(
 
     # Compact order: position p of sample b reads text slot p (p < tl), then region slot
     # max_txt + (p - tl) (p < tl + nr); padding reads slot 0 and is masked out.
-    pos = torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
+    pos = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(batch, -1)
     tl, total = txt_lens.unsqueeze(1), (txt_lens + img_lens).unsqueeze(1)
     attn_mask = pos < total
     gather_index = torch.where(pos < tl, pos, max_txt + pos - tl)
@@ -167,3 +167,28 @@ def batch_from_padded(
         out.mrm_positions = rows * seq_len + txt_lens[rows] + cols
         out.mrm_img_index = rows * max_img + cols
     return out
+
+
+def batch_from_masks(
+    *,
+    input_ids: Tensor,
+    img_feat: Tensor,
+    img_pos: Tensor,
+    attention_mask: Tensor | None = None,
+    img_attention_mask: Tensor | None = None,
+    img_masks: Tensor | None = None,
+) -> UniterBatch:
+    """The Hugging Face-style entry: text [B, Lt] and regions [B, Ni, ...] each padded at the end, with
+    0/1 masks (all ones when omitted). Reads the longest sample's length on the host (one sync); the
+    training path builds batches on the host instead (:func:`build_batch`)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if img_attention_mask is None:
+        img_attention_mask = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
+    if attention_mask.shape != input_ids.shape or img_attention_mask.shape != img_feat.shape[:2]:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)} "
+                         f"and img_attention_mask {tuple(img_attention_mask.shape)} img_feat's first two dims "
+                         f"{tuple(img_feat.shape[:2])}")
+    txt_lens, img_lens = attention_mask.long().sum(1), img_attention_mask.long().sum(1)
+    return batch_from_padded(input_ids=input_ids, txt_lens=txt_lens, img_feat=img_feat, img_pos=img_pos,
+                             img_lens=img_lens, img_masks=img_masks.bool() if img_masks is not None else None)

@@ -1,25 +1,31 @@
 """UNITER: a single-stream transformer over word tokens and image regions (arXiv 1909.11740).
 
 Read top to bottom: embeddings for each modality, a BERT (post-LN) encoder over the compact
-sequence ``[CLS] words [SEP] regions <pad>``, the pooler, then the pretraining heads and losses.
-Batches come from :func:`uniter_ds.model.inputs.build_batch`.
+sequence ``[CLS] words [SEP] regions <pad>``, the pooler, then the pretraining heads and losses, then
+a classification head for fine-tuning. Batches come from :func:`uniter_ds.model.inputs.build_batch`;
+the Hugging Face entry (``model(input_ids=..., attention_mask=..., img_feat=..., ...)``) takes padded
+keyword tensors instead.
+
+The models are Hugging Face ``PreTrainedModel`` s. This package (config, inputs, kernels, ot, modeling)
+imports nothing else from ``uniter_ds``: ``save_pretrained`` copies it beside the weights, and
+``AutoModel.from_pretrained(folder, trust_remote_code=True)`` loads it where uniter_ds is not installed.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import UniterConfig
-from .inputs import UniterBatch, build_batch
+from .inputs import UniterBatch, batch_from_masks, build_batch
 from .kernels import layer_norm
 from .ot import wra_distance
 
@@ -64,7 +70,7 @@ class ImageEmbeddings(nn.Module):
         self.img_layer_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.pos_linear = nn.Linear(config.img_pos_dim, config.hidden_size)
         self.pos_layer_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
-        self.mask_embedding = nn.Embedding(2, config.img_dim)
+        self.mask_embedding = nn.Embedding(2, config.img_dim, padding_idx=0)
         self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -182,6 +188,14 @@ class UniterOutput:
     region_states: Tensor  # [B, Ni, H], zero on padding
     region_mask: Tensor  # [B, Ni] bool
 
+    @property
+    def last_hidden_state(self) -> Tensor:  # Hugging Face's name
+        return self.sequence_output
+
+    @property
+    def pooler_output(self) -> Tensor:  # Hugging Face's name
+        return self.pooled_output
+
     def per_sample(self) -> list[dict[str, Tensor]]:
         """One dict per sample: ``text`` [tl, H], ``regions`` [nr, H], ``pooled`` [H]; no padding."""
         txt_lens, img_lens = self.text_mask.sum(1).tolist(), self.region_mask.sum(1).tolist()
@@ -192,113 +206,85 @@ class UniterOutput:
         ]
 
 
-class UniterPreTrainedModel(nn.Module):
-    """Shared by the encoder and the pretraining model: initialisation and the Hugging Face-style
-    folder (``config.json`` + ``model.safetensors``)."""
+# Every Auto class one export folder serves (its config.json's auto_map; the code files travel with it).
+AUTO_MAP = {
+    "AutoConfig": "config.UniterConfig",
+    "AutoModel": "modeling.UniterModel",
+    "AutoModelForPreTraining": "modeling.UniterForPretraining",
+    "AutoModelForSequenceClassification": "modeling.UniterForSequenceClassification",
+}
 
-    config: UniterConfig
 
-    def save_pretrained(self, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-        """``config.json`` + ``model.safetensors``, or Hugging Face's sharded form
-        (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) above ``max_shard_bytes``."""
-        from safetensors.torch import save_file
+class UniterPreTrainedModel(PreTrainedModel):
+    """Shared by every UNITER model: BERT's initialisation, and Hugging Face's ``save_pretrained`` /
+    ``from_pretrained`` (``config.json`` + safetensors, sharded above ``max_shard_size``). An encoder
+    loads from a pretraining export (the heads are dropped); a head model loads an encoder export (its
+    head starts from BERT's initialisation, which Hugging Face reports as missing weights)."""
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = self.config.to_dict() | {"architectures": [type(self).__name__], "model_type": "uniter"}
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # Tied tensors are stored once, under their first name; loading re-ties them.
-        state, seen = {}, set()
-        for name, tensor in self.state_dict(keep_vars=True).items():
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                state[name] = tensor.detach().contiguous()
-        shards: list[dict[str, Tensor]] = [{}]
-        size = 0
-        for name, tensor in state.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor
-            size += nbytes
-        if len(shards) == 1:
-            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / file), metadata={"format": "pt"})
-            weight_map |= {name: file for name in shard}
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config_class = UniterConfig
+    base_model_prefix = "uniter"
+    main_input_name = "input_ids"
+    _no_split_modules = ["EncoderLayer"]
 
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, strict: bool = True, dtype: torch.dtype | str = "auto",
-                        **kwargs: Any) -> UniterPreTrainedModel:
-        """Load a folder written by ``save_pretrained`` (by this class or the other: an encoder loads
-        from a pretraining export, dropping the heads). ``dtype="auto"`` keeps the stored precision;
-        ``kwargs`` go to the constructor. The model comes back in eval mode."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        model = cls(UniterConfig.from_json_file(folder / "config.json"), **kwargs)
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            state = {}
-            for file in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state |= load_file(str(folder / file))
-        else:
-            state = load_file(str(folder / "model.safetensors"))
-        own = model.state_dict()
-        if not any(k.startswith("uniter.") for k in own):  # an encoder: take the encoder part
-            state = {k[len("uniter."):]: v for k, v in state.items() if k.startswith("uniter.")} or state
-        missing = set(own) - set(state)
-        for group in tied_parameter_names(model):
-            if group & set(state):
-                missing -= group
-        unexpected = set(state) - set(own)
-        if strict and (missing or unexpected):
-            raise ValueError(f"{folder}: weights do not match {cls.__name__}: missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)}")
-        if dtype == "auto":
-            dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-        model.to(dtype)
-        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-        return model.eval()  # as Hugging Face does: call .train() to fine-tune with dropout
-
-    def init_weights(self, roots: Sequence[nn.Module] | None = None) -> None:
-        """BERT's initialisation of ``roots`` (default: the whole model) and everything below them."""
+    def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        for root in roots if roots is not None else [self]:
-            for module in root.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, mean=0.0, std=std)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-                elif type(module).__name__ in ("LayerNorm", "FusedLayerNorm"):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
-            for module in root.modules():  # after the tables: row 0 of the mask embedding is "not masked"
-                if isinstance(module, ImageEmbeddings):
-                    with torch.no_grad():
-                        module.mask_embedding.weight[0].zero_()
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            nn.init.zeros_(module.weight[module.padding_idx])  # the mask embedding's "not masked" row
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        elif "LayerNorm" in type(module).__name__:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, (MlmHead, TransposedLinear)):
+            nn.init.zeros_(module.bias)
+
+    def _adjust_bias(self, output_embeddings: nn.Module, input_embeddings: nn.Module) -> None:
+        # After tying, Hugging Face cuts a head's bias to its weight's first dim: right for an LM decoder,
+        # wrong for the MRFR layer, which reads its [H, img_dim] weight transposed (bias: img_dim).
+        if not isinstance(output_embeddings, TransposedLinear):
+            super()._adjust_bias(output_embeddings, input_embeddings)
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        """Hugging Face's, with the modeling code and an ``auto_map`` for every UNITER Auto class."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class UniterModel(UniterPreTrainedModel):
     """The UNITER encoder: embeddings, transformer, pooler. Input: a :class:`UniterBatch`."""
 
+    _auto_class = "AutoModel"
+    # Loading the encoder from a pretraining export drops its heads, as intended: not worth a warning.
+    _keys_to_ignore_on_load_unexpected = [r"^(mlm|mrfr|mrc|itm)_head\."]
+
     def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.embeddings = TextEmbeddings(config)
         self.img_embeddings = ImageEmbeddings(config)
         self.encoder = Encoder(config)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
-        self.init_weights()
+        self.post_init()
 
-    def forward(self, batch: UniterBatch) -> UniterOutput:
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(self, batch: UniterBatch | None = None, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, img_feat: Tensor | None = None, img_pos: Tensor | None = None,
+                img_attention_mask: Tensor | None = None, img_masks: Tensor | None = None) -> UniterOutput:
+        """``batch``: a :class:`UniterBatch` (training, no host sync); or Hugging Face-style keyword
+        tensors, text and regions each padded at the end: ``input_ids`` [B, Lt] with ``attention_mask``
+        [B, Lt], ``img_feat`` [B, Ni, img_dim] and ``img_pos`` [B, Ni, 7] with ``img_attention_mask``
+        [B, Ni] (optional ``img_masks`` [B, Ni] for masked regions)."""
+        if batch is None:
+            if input_ids is None or img_feat is None or img_pos is None:
+                raise ValueError("UniterModel needs a UniterBatch or input_ids, img_feat and img_pos")
+            batch = batch_from_masks(input_ids=input_ids, attention_mask=attention_mask, img_feat=img_feat,
+                                     img_pos=img_pos, img_attention_mask=img_attention_mask, img_masks=img_masks)
         text = self.embeddings(batch.input_ids)
         image_type = torch.ones(1, 1, dtype=torch.long, device=text.device)
         regions = self.img_embeddings(
@@ -441,13 +427,18 @@ class UniterForPretraining(UniterPreTrainedModel):
     reference's validation reports.
     """
 
+    _auto_class = "AutoModelForPreTraining"
+    # One Parameter, two names: loading re-ties them (the MRFR output layer uses the image projection's
+    # weight transposed, as the reference does).
+    _tied_weights_keys = {"mlm_head.decoder.weight": "uniter.embeddings.word_embeddings.weight",
+                          "mrfr_head.regress.weight": "uniter.img_embeddings.img_linear.weight"}
+
     def __init__(self, config: UniterConfig, wra_weight: float = 0.1, ipot_beta: float = 0.5,
                  ipot_iterations: int = 50, ipot_inner_steps: int = 1, mrc_kl: str = "original"):
-        super().__init__()
+        super().__init__(config)
         if mrc_kl not in MRC_KL_OBJECTIVES:
             raise ValueError(f"mrc_kl={mrc_kl!r}: expected one of {', '.join(MRC_KL_OBJECTIVES)}")
         self.mrc_kl = mrc_kl
-        self.config = config
         self.uniter = UniterModel(config)
         self.mlm_head = MlmHead(config, self.uniter.embeddings.word_embeddings.weight)
         self.mrfr_head = MrfrHead(config, self.uniter.img_embeddings.img_linear.weight)
@@ -455,8 +446,7 @@ class UniterForPretraining(UniterPreTrainedModel):
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.wra_weight = wra_weight
         self.ipot = dict(beta=ipot_beta, iterations=ipot_iterations, inner_steps=ipot_inner_steps)
-        # The encoder initialised itself; the heads' own layers remain (their tied weights are the encoder's).
-        self.init_weights([self.mlm_head.transform, self.mrfr_head.transform, self.mrc_head, self.itm_head])
+        self.post_init()  # the encoder initialised itself; this initialises the heads' own layers
 
     def forward(self, batch: UniterBatch, task: str) -> TaskOutput:
         if task not in TASKS:
@@ -517,6 +507,45 @@ class UniterForPretraining(UniterPreTrainedModel):
         correct = (logits.argmax(-1) == batch.itm_targets).sum()
         sample = torch.arange(batch.batch_size, device=logits.device)
         return TaskOutput("itm", losses.mean(), losses, sample, correct, logits, parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning
+# ---------------------------------------------------------------------------------------------
+
+
+class UniterForSequenceClassification(UniterPreTrainedModel):
+    """A classifier over the pooled [CLS] state (``config.num_labels`` outputs), Hugging Face's
+    sequence-classification contract: keyword tensors in, ``loss`` when ``labels`` are given
+    (cross-entropy; MSE for one label; BCE for ``problem_type="multi_label_classification"``, as VQA's
+    soft scores), so ``transformers.Trainer`` fine-tunes it with a data collator."""
+
+    _auto_class = "AutoModelForSequenceClassification"
+    _keys_to_ignore_on_load_unexpected = [r"^(mlm|mrfr|mrc|itm)_head\."]
+
+    def __init__(self, config: UniterConfig):
+        super().__init__(config)
+        self.uniter = UniterModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, batch: UniterBatch | None = None, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, img_feat: Tensor | None = None, img_pos: Tensor | None = None,
+                img_attention_mask: Tensor | None = None, labels: Tensor | None = None) -> SequenceClassifierOutput:
+        out = self.uniter(batch, input_ids=input_ids, attention_mask=attention_mask, img_feat=img_feat,
+                          img_pos=img_pos, img_attention_mask=img_attention_mask)
+        logits = self.classifier(self.dropout(out.pooled_output))
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            elif self.config.problem_type == "multi_label_classification":
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=None, attentions=None)
 
 
 def tied_parameter_names(model: nn.Module) -> list[set[str]]:

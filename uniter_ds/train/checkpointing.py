@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,40 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MARKER = "complete.json"
-_TAG = re.compile(r"^step(\d+)$")
+from ..run_layout import MARKER, complete_checkpoints, find_resume_point, is_complete, step_of, tag_for
 
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def is_complete(folder: Path) -> bool:
-    return (folder / MARKER).exists()
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _TAG.match(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
-
-
-def find_resume_point(path: Path) -> Path | None:
-    """``path`` is a checkpoint root (use its complete ``latest``, else its newest complete tag) or a
-    tag folder (which must be complete). None: nothing to resume from."""
-    if (path / MARKER).exists():
-        return path
-    if _TAG.match(path.name) and path.is_dir():
-        raise FileNotFoundError(f"{path}: checkpoint is incomplete (no {MARKER}); it was interrupted while saving")
-    latest = path / "latest"
-    if latest.exists():
-        candidate = path / latest.read_text().strip()
-        if is_complete(candidate):
-            return candidate
-    complete = complete_checkpoints(path)
-    return complete[-1] if complete else None
-
+__all__ = ["MARKER", "complete_checkpoints", "find_resume_point", "is_complete", "load", "rng_state", "save",
+           "set_rng_state", "tag_for"]
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -99,8 +68,8 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last:
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.iterdir():  # incomplete tags older than the new checkpoint
-            match = _TAG.match(stale.name)
-            if match and stale.is_dir() and int(match.group(1)) < step and not is_complete(stale):
+            stale_step = step_of(stale.name)
+            if stale_step is not None and stale.is_dir() and stale_step < step and not is_complete(stale):
                 shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return folder

@@ -29,6 +29,7 @@ from deepspeed.accelerator import get_accelerator
 
 from ..data import LoaderConfig, build_loader, check_compatible, resolve_sources
 from ..model import (
+    LoadReport,
     UniterConfig,
     UniterForPretraining,
     load_bert_weights,
@@ -71,10 +72,11 @@ def build_model(config: ExperimentConfig) -> UniterForPretraining:
             report = load_original_state_dict(model, torch.load(path, map_location="cpu", weights_only=True),
                                               strict=False)
         else:
-            loaded = UniterForPretraining.from_pretrained(path, strict=False, wra_weight=section.wra_weight,
-                                                          mrc_kl=section.mrc_kl)
+            loaded, info = UniterForPretraining.from_pretrained(
+                path, wra_weight=section.wra_weight, mrc_kl=section.mrc_kl, output_loading_info=True)
             model.load_state_dict(loaded.state_dict())
-            report = None
+            # An encoder export has no heads: they start from BERT's initialisation, and the log says so.
+            report = LoadReport(missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"]))
         if report is not None and is_rank0():
             logger.info("initialised from %s\n%s", section.init_from, report)
     return model
