@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..data import LoaderConfig, LoaderStats, build_loader, synth_dataset
-from .train import cpu_name
+from ..provenance import cpu_name
 
 
 def measure_loader(folder: Path, task: str, workers: int, token_budget: int, seconds: float) -> dict[str, Any]:

@@ -17,11 +17,9 @@ import gc
 import itertools
 import json
 import os
-import platform
 import re
 import resource
 import statistics
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -37,6 +35,7 @@ from ..data import LoaderConfig, TaskStream, build_loader, synth_dataset
 from ..model import UniterConfig, UniterForPretraining
 from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels, sdpa_backend
+from ..provenance import cpu_native_bf16, device_name, git_commit, git_dirty, package_versions
 from ..train.distributed import init_distributed
 from .baseline import BaselineUniter
 from .flops import training_flops
@@ -105,28 +104,6 @@ class BenchSettings:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cpuinfo(*keys: str) -> str | None:
-    """The value of the first /proc/cpuinfo line starting with one of ``keys`` (None without one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(keys):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_flags() -> set[str]:
-    return set((_cpuinfo("flags", "Features") or "").split())
-
-
-def cpu_native_bf16(flags: set[str] | None = None) -> bool:
-    """Whether this CPU computes bf16 matmuls natively (x86: AVX512-BF16 or AMX-BF16; Arm: BF16).
-    Without it PyTorch emulates bf16 and a layer runs ~25x slower than in fp32 (measured on AVX2)."""
-    flags = cpu_flags() if flags is None else flags
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def default_precision(on_gpu: bool, flags: set[str] | None = None) -> str:
     """bf16 on GPUs and on CPUs that have it natively; fp32 on other CPUs."""
     return "bf16" if on_gpu or cpu_native_bf16(flags) else "fp32"
@@ -165,62 +142,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_name() -> str:
-    return f"{_cpuinfo('model name') or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def git_commit(where: Path | None = None) -> str:
-    """The checkout's commit: ``git`` when there is one, else read from ``.git`` directly (the GPU
-    machines have no git binary, and a copy of the tree may have no .git: there the caller can say it
-    in ``UNITER_DS_GIT_COMMIT``); "unknown" when nothing works. Never raises."""
-    if os.environ.get("UNITER_DS_GIT_COMMIT"):
-        return os.environ["UNITER_DS_GIT_COMMIT"]
-    where = where or Path(__file__).resolve().parent
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=where,
-                                timeout=10)
-        if result.returncode == 0 and result.stdout.strip():
-            return result.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        root = next(p for p in (where, *where.parents) if (p / ".git").exists())
-        git = root / ".git"
-        if git.is_file():  # a worktree or submodule: "gitdir: PATH"
-            git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head[:7]  # detached
-        ref = head[4:].strip()
-        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").exists() else git
-        for folder in dict.fromkeys((git, common)):
-            if (folder / ref).exists():
-                return (folder / ref).read_text().strip()[:7]
-            if (folder / "packed-refs").exists():
-                for line in (folder / "packed-refs").read_text().splitlines():
-                    if line.endswith(" " + ref):
-                        return line.split()[0][:7]
-    except (OSError, StopIteration):
-        pass
-    return "unknown"
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """Where a number was measured. Every field is best-effort: a report is never lost to this."""
-    versions: dict[str, str] = {"torch": torch.__version__, "python": platform.python_version()}
-    for package in ("deepspeed", "transformers"):
-        try:
-            versions[package] = __import__(package).__version__
-        except Exception:  # noqa: BLE001 - a version string is not worth a lost report
-            versions[package] = "unavailable"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        versions["cuda"] = str(torch.version.cuda)
-    else:
-        name = cpu_name()
-    return {"device": name, "device_type": device.type, "cpu_count": os.cpu_count(), "git_commit": git_commit(),
-            "cpu_native_bf16": cpu_native_bf16(), "torch_threads": torch.get_num_threads(), "versions": versions,
-            "date": time.strftime("%Y-%m-%d")}
+    return {"device": device_name(device), "device_type": device.type, "cpu_count": os.cpu_count(),
+            "git_commit": git_commit(), "git_dirty": git_dirty(), "cpu_native_bf16": cpu_native_bf16(),
+            "torch_threads": torch.get_num_threads(), "versions": package_versions(), "date": time.strftime("%Y-%m-%d")}
 
 
 def reset_memory(device: torch.device) -> None:
