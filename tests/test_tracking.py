@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from uniter_ds.train.tracking import Tracker
 
 
@@ -23,27 +21,76 @@ def test_default_store_is_sqlite_in_the_run_directory(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 2.0}
 
 
-def test_a_backend_that_fails_mid_run_is_switched_off_with_a_warning(tmp_path, monkeypatch):
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_backend_that_fails_and_comes_back_gets_every_metric(tmp_path, monkeypatch, caplog):
+    """An outage mid-run: training calls go on without an exception, the metrics wait, are retried on
+    the backoff's schedule, and all reach the run, in order, once the backend is back; it is counted."""
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracker = Tracker(tmp_path, enabled=True, use_mlflow=True, experiment="e", tracking_uri=None, run_name="r")
+    clock = Clock()
+    tracker = Tracker(tmp_path, enabled=True, use_mlflow=True, experiment="e", tracking_uri=None, run_name="r",
+                      backoff=(5.0, 60.0), clock=clock)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    real, attempts = mlflow.log_metrics, []
 
-    def broken(*args, **kwargs):
+    def down(*args, **kwargs):
+        attempts.append(kwargs.get("step"))
         raise ConnectionError("tracking server went away")
 
-    monkeypatch.setattr(mlflow, "log_metrics", broken)
-    with pytest.warns(UserWarning, match="MLflow tracking failed.*tracking server went away"):
-        tracker.log_metrics({"loss": 1.0}, step=1)
-    tracker.log_metrics({"loss": 0.5}, step=2)  # no second warning, no exception
-    assert tracker.mlflow is None
+    monkeypatch.setattr(mlflow, "log_metrics", down)
+    for step in range(2, 8):  # one call a second: only the backoff's schedule reaches the backend
+        clock.now += 1.0
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    assert attempts == [2, 2]  # at t=1, then not before t=6 (5 s), then not before t=16 (10 s)
+    assert "MLflow tracking failed" in caplog.text and "retrying in 5 s" in caplog.text
+    monkeypatch.setattr(mlflow, "log_metrics", real)
+    clock.now = 20.0
+    tracker.log_metrics({"loss": 0.1}, step=8)
+    assert "MLflow tracking is back" in caplog.text
+    tracker.finish()
+    client = mlflow.tracking.MlflowClient(tracker.tracking_uri)
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == list(range(1, 9))
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert tracker.stats == {"failures": 2, "outages": 1, "delivered_late": 7, "dropped": 0}
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
 
 
-def test_an_unreachable_store_at_start_is_a_warning_too(tmp_path):
-    with pytest.warns(UserWarning, match="MLflow tracking failed"):
-        tracker = Tracker(tmp_path, enabled=True, use_mlflow=True, experiment="e",
-                          tracking_uri="sqlite:////nonexistent-dir/x/mlflow.db", run_name="r")
+def test_a_long_outage_drops_the_oldest_calls_counts_them_and_keeps_them_in_the_file(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    clock = Clock()
+    tracker = Tracker(tmp_path, enabled=True, use_mlflow=True, experiment="e", tracking_uri=None, run_name="r",
+                      max_pending=3, clock=clock)
+    real = mlflow.log_metrics
+    monkeypatch.setattr(mlflow, "log_metrics", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    for step in range(1, 7):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    monkeypatch.setattr(mlflow, "log_metrics", real)
+    tracker.finish()  # the last try ignores the backoff
+    client = mlflow.tracking.MlflowClient(tracker.tracking_uri)
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [5, 6]
+    assert tracker.stats["dropped"] == 4  # steps 1-4 (end_run took the third place in the queue)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_an_unreachable_store_at_start_is_a_warning_too(tmp_path, caplog, monkeypatch):
+    from .launcher import free_port
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tracker = Tracker(tmp_path, enabled=True, use_mlflow=True, experiment="e",
+                      tracking_uri=f"http://127.0.0.1:{free_port()}", run_name="r")  # nothing listens there
+    assert "MLflow tracking is off" in caplog.text and tracker.mlflow is None
     tracker.log_metrics({"loss": 1.0}, step=1)
     assert (tmp_path / "metrics.jsonl").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from uniter_ds.data import synth_dataset
@@ -255,7 +257,8 @@ def test_main_job_records_params_metrics_eval_and_export_in_mlflow(tmp_path, sha
     import mlflow
 
     config = _run_config(tmp_path, shards, "tracked", tracking={"mlflow": True, "log_every": 2,
-                                                                "experiment": "test-exp"},
+                                                                "experiment": "test-exp",
+                                                                "system_metrics_interval": 1.0},
                          eval={"every": 4, "batches": 2, "retrieval_images": 8, "at_end": True})
     raw = yaml.safe_load(config.read_text())
     raw["data"]["val"] = [str(shards / "val")]
@@ -276,4 +279,27 @@ def test_main_job_records_params_metrics_eval_and_export_in_mlflow(tmp_path, sha
     assert "val/itm/acc" in run.data.metrics and "val/retrieval/text_to_image_r5" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
     assert {"export/hf", "export/uniter"} <= artifacts
+    # What ran it: code, packages, device.
+    tags = run.data.tags
+    assert tags["version.torch"] == torch.__version__ and tags["version.deepspeed"] != "unavailable"
+    assert tags["device_type"] == "cpu" and tags["world_size"] == "2" and tags["git_dirty"] in ("true", "false")
+    assert re.fullmatch(r"[0-9a-f]{7,}", tags["git_commit"])
+    # On what data: each dataset an input with its manifest's digest, the manifests as artifacts.
+    import hashlib
+
+    inputs = {}
+    for dataset_input in run.inputs.dataset_inputs:
+        context = {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"]
+        inputs[context] = dataset_input.dataset
+    for context, folder in (("train", shards / "train"), ("validation", shards / "val")):
+        manifest = (folder / "manifest.json").read_bytes()
+        assert inputs[context].digest == hashlib.sha256(manifest).hexdigest()[:16]
+        assert str(folder.resolve()) in inputs[context].source
+        logged = [a.path for a in client.list_artifacts(run.info.run_id, f"data/{context}")]
+        assert len(logged) == 1
+        files = client.list_artifacts(run.info.run_id, logged[0])
+        assert [Path(f.path).name for f in files] == ["manifest.json"]
+    # How the machine was used: MLflow's system metrics (psutil is an MLflow dependency here).
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    assert summary["tracking"] == {"failures": 0, "outages": 0, "delivered_late": 0, "dropped": 0}
     assert (run_dir / "export" / "hf" / "model.safetensors").exists()

@@ -100,6 +100,8 @@ class TrackingSection:
     tracking_uri: str | None = None  # default: sqlite in the run directory; MLFLOW_TRACKING_URI wins
     log_every: int = 10
     progress_bar: bool = True  # on a TTY; plain log lines otherwise
+    # CPU / memory / GPU utilisation sampled by MLflow's monitor every this many seconds; 0 = off.
+    system_metrics_interval: float = 10.0
 
 
 @dataclass

@@ -37,6 +37,7 @@ from ..model import (
 )
 from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels
+from ..provenance import device_name, git_commit, git_dirty, package_versions
 from . import checkpointing
 from .config import ExperimentConfig, load_config
 from .distributed import init_distributed
@@ -328,109 +329,129 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
 
     tracker = Tracker(run_dir, enabled=rank == 0, use_mlflow=config.tracking.mlflow,
                       experiment=config.tracking.experiment, tracking_uri=config.tracking.tracking_uri,
-                      run_name=run_dir.name)
+                      run_name=run_dir.name, system_metrics_interval=config.tracking.system_metrics_interval or None)
     tracker.log_params(config.flat() | {"world_size": str(world), "zero_stage": str(zero_stage),
                                         "kernels": json.dumps(active_kernels(model))})
     if rank == 0:
+        tracker.set_tags(run_tags(device, world))
+        for dataset in config.data.train:
+            for path in dataset.paths:
+                tracker.log_dataset(Path(path), "train")
+        for path in config.data.val:
+            tracker.log_dataset(Path(path), "validation")
         tracker.log_artifacts(run_dir / "config.yaml", "config")
         tracker.log_artifacts(Path(config.deepspeed_config), "config")
 
-    last_step = min(config.optim.total_steps, config.stop_at_step or config.optim.total_steps)
-    window = {k: torch.zeros(len(names), dtype=torch.float64, device=device) for k in ("loss", "items", "correct")}
-    progress = None
-    if rank == 0 and config.tracking.progress_bar and sys.stderr.isatty():
-        from tqdm import tqdm
+    try:
+        last_step = min(config.optim.total_steps, config.stop_at_step or config.optim.total_steps)
+        window = {k: torch.zeros(len(names), dtype=torch.float64, device=device) for k in ("loss", "items", "correct")}
+        progress = None
+        if rank == 0 and config.tracking.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
 
-        progress = tqdm(total=last_step, initial=start_step, desc="pretrain", dynamic_ncols=True)
-    rank_log = open(run_dir / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - open for the whole run
-    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-    val_tasks = sorted({s.task for s in streams})
-    checkpoint = None
-    eval_metrics: dict[str, float] = {}
-    engine.train()
-
-    def run_eval(step: int) -> dict[str, float]:
-        if not config.data.val:
-            return {}
-        engine.eval()
-        metrics = evaluate(lambda b, t: engine(b, t), config.data.val, val_tasks, batches=config.eval.batches,
-                           retrieval_images=config.eval.retrieval_images, token_budget=config.data.token_budget,
-                           max_text_len=config.data.max_text_len, device=device)
+            progress = tqdm(total=last_step, initial=start_step, desc="pretrain", dynamic_ncols=True)
+        rank_log = open(run_dir / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - open for the whole run
+        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        val_tasks = sorted({s.task for s in streams})
+        checkpoint = None
+        eval_metrics: dict[str, float] = {}
         engine.train()
-        tracker.log_metrics(metrics, step)
-        if rank == 0:
-            logger.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
-        return metrics
 
-    def save(step: int) -> Path:
-        client = {"step": step, "scheduler": scheduler.state_dict(), "data": feed.state_dict(),
-                  "config": config.to_dict()}
-        return checkpointing.save(engine, checkpoint_root, step, client, config.checkpoint.keep_last)
+        def run_eval(step: int) -> dict[str, float]:
+            if not config.data.val:
+                return {}
+            engine.eval()
+            metrics = evaluate(lambda b, t: engine(b, t), config.data.val, val_tasks, batches=config.eval.batches,
+                               retrieval_images=config.eval.retrieval_images, token_budget=config.data.token_budget,
+                               max_text_len=config.data.max_text_len, device=device)
+            engine.train()
+            tracker.log_metrics(metrics, step)
+            if rank == 0:
+                logger.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+            return metrics
 
-    for step in range(start_step, last_step):
-        step_streams = scheduler.for_step(step, config.optim.grad_accum)
-        batches = [feed.next(s) for s in step_streams]
-        train_step(engine, batches, step_streams, device, comm_device, window, names)
-        done = step + 1
-        samples = sum(b.batch_size for b in batches)
-        tokens = sum(b.meta["real_tokens"] for b in batches)
-        window_samples, window_tokens = window_samples + samples, window_tokens + tokens
-        rank_log.write(json.dumps({"step": done, "streams": [s.name for s in step_streams],
-                                   "pairs": [b.meta["pairs"] for b in batches]}) + "\n")
-        if done % config.tracking.log_every == 0 or done == last_step:
-            metrics = reduce_window(window, names, comm_device)
-            elapsed = time.perf_counter() - window_start
-            totals = torch.tensor([window_samples, window_tokens], dtype=torch.float64, device=comm_device)
-            dist.all_reduce(totals)
-            grad_norm = engine.get_global_grad_norm()
-            metrics |= {"lr": engine.get_lr()[0], "loss": _window_loss(metrics),
-                        "samples_per_s": float(totals[0]) / elapsed, "tokens_per_s": float(totals[1]) / elapsed,
-                        "samples_per_s_per_rank": float(totals[0]) / elapsed / world}
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            loss_scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
-            if isinstance(loss_scale, (int, float)):
-                metrics["loss_scale"] = float(loss_scale)
-            tracker.log_metrics(metrics, done)
-            window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        def save(step: int) -> Path:
+            client = {"step": step, "scheduler": scheduler.state_dict(), "data": feed.state_dict(),
+                      "config": config.to_dict()}
+            return checkpointing.save(engine, checkpoint_root, step, client, config.checkpoint.keep_last)
+
+        for step in range(start_step, last_step):
+            step_streams = scheduler.for_step(step, config.optim.grad_accum)
+            batches = [feed.next(s) for s in step_streams]
+            train_step(engine, batches, step_streams, device, comm_device, window, names)
+            done = step + 1
+            samples = sum(b.batch_size for b in batches)
+            tokens = sum(b.meta["real_tokens"] for b in batches)
+            window_samples, window_tokens = window_samples + samples, window_tokens + tokens
+            rank_log.write(json.dumps({"step": done, "streams": [s.name for s in step_streams],
+                                       "pairs": [b.meta["pairs"] for b in batches]}) + "\n")
+            if done % config.tracking.log_every == 0 or done == last_step:
+                metrics = reduce_window(window, names, comm_device)
+                elapsed = time.perf_counter() - window_start
+                totals = torch.tensor([window_samples, window_tokens], dtype=torch.float64, device=comm_device)
+                dist.all_reduce(totals)
+                grad_norm = engine.get_global_grad_norm()
+                metrics |= {"lr": engine.get_lr()[0], "loss": _window_loss(metrics),
+                            "samples_per_s": float(totals[0]) / elapsed, "tokens_per_s": float(totals[1]) / elapsed,
+                            "samples_per_s_per_rank": float(totals[0]) / elapsed / world}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                optimizer = engine.optimizer
+                loss_scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
+                if isinstance(loss_scale, (int, float)):
+                    metrics["loss_scale"] = float(loss_scale)
+                tracker.log_metrics(metrics, done)
+                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                if progress is not None:
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
+                elif rank == 0:
+                    eta = (last_step - done) * elapsed / config.tracking.log_every
+                    logger.info("step %d/%d loss %.4f lr %.3g %.1f samples/s eta %.0fs", done, last_step,
+                                metrics["loss"], metrics["lr"], metrics["samples_per_s"], eta)
             if progress is not None:
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
-            elif rank == 0:
-                eta = (last_step - done) * elapsed / config.tracking.log_every
-                logger.info("step %d/%d loss %.4f lr %.3g %.1f samples/s eta %.0fs", done, last_step, metrics["loss"],
-                            metrics["lr"], metrics["samples_per_s"], eta)
+                progress.update(1)
+            if config.eval.every and done % config.eval.every == 0 and done < last_step:
+                eval_metrics = run_eval(done)
+            if config.checkpoint.every and done % config.checkpoint.every == 0 and done < last_step:
+                checkpoint = save(done)
+        rank_log.close()
         if progress is not None:
-            progress.update(1)
-        if config.eval.every and done % config.eval.every == 0 and done < last_step:
-            eval_metrics = run_eval(done)
-        if config.checkpoint.every and done % config.checkpoint.every == 0 and done < last_step:
-            checkpoint = save(done)
-    rank_log.close()
-    if progress is not None:
-        progress.close()
+            progress.close()
 
-    export: Path | None = None
-    if last_step > start_step:
-        if config.eval.at_end:
-            eval_metrics = run_eval(last_step)
-        if config.checkpoint.at_end or config.export_at_end:
-            checkpoint = save(last_step)
-        if config.export_at_end and rank == 0:
-            # The same path as `uniter-ds export`: consolidated fp32 weights, verified by reloading.
-            from ..export import export as export_weights
+        export: Path | None = None
+        if last_step > start_step:
+            if config.eval.at_end:
+                eval_metrics = run_eval(last_step)
+            if config.checkpoint.at_end or config.export_at_end:
+                checkpoint = save(last_step)
+            if config.export_at_end and rank == 0:
+                # The same path as `uniter-ds export`: consolidated fp32 weights, verified by reloading.
+                from ..export import export as export_weights
 
-            export = Path(export_weights(checkpoint, run_dir / "export", heads=True, overwrite=True)["out"])
-            tracker.log_artifacts(export, "export")
-    elif rank == 0:
-        logger.info("nothing to train: the run is already at step %d", start_step)
-    dist.barrier()
-    tracker.finish()
+                export = Path(export_weights(checkpoint, run_dir / "export", heads=True, overwrite=True)["out"])
+                tracker.log_artifacts(export, "export")
+        elif rank == 0:
+            logger.info("nothing to train: the run is already at step %d", start_step)
+        dist.barrier()
+        tracker.finish()
+    except BaseException as error:  # the MLflow run must not stay RUNNING after a crash or Ctrl-C
+        tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
     result = {"run_dir": str(run_dir), "last_step": last_step, "eval": eval_metrics,
               "checkpoint": str(checkpoint) if checkpoint else None, "export": str(export) if export else None,
-              "mlflow": tracker.tracking_uri, "mlflow_run_id": tracker.run_id}
+              "mlflow": tracker.tracking_uri, "mlflow_run_id": tracker.run_id, "tracking": tracker.stats}
     if rank == 0:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def run_tags(device: torch.device, world: int) -> dict[str, Any]:
+    """MLflow tags: the code, the packages and the machine the run ran on."""
+    versions = package_versions()
+    dirty = git_dirty()
+    return {"git_commit": git_commit(), "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
+            "device": device_name(device), "device_type": device.type, "world_size": world,
+            **{f"version.{name}": version for name, version in versions.items()}}
 
 
 def _window_loss(metrics: dict[str, float]) -> float:
