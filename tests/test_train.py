@@ -277,6 +277,13 @@ def test_main_job_records_params_metrics_eval_and_export_in_mlflow(tmp_path, sha
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6, 8]
     assert "val/itm/acc" in run.data.metrics and "val/retrieval/text_to_image_r5" in run.data.metrics
+    # Every accuracy and recall comes with its chance level on the same held-out items, printed beside it.
+    held_out = summary["eval"]
+    assert 0.5 <= held_out["val/itm/acc_chance"] < 1 and 0 < held_out["val/mlm/acc_chance"] < 1
+    assert held_out["val/retrieval/r5_chance"] == 5 / 8 and held_out["val/retrieval/r1_chance"] == 1 / 8
+    printed = next(line for line in result.stdout.splitlines() if line.startswith("held-out evaluation"))
+    assert f"val/itm/acc={held_out['val/itm/acc']:.4f} ({held_out['val/itm/acc_chance']:.2f})" in printed
+    assert f"val/retrieval/text_to_image_r1={held_out['val/retrieval/text_to_image_r1']:.4f} (0.12)" in printed
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
     assert {"export/hf", "export/uniter"} <= artifacts
     # What ran it: code, packages, device.

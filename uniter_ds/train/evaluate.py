@@ -1,5 +1,9 @@
 """Held-out evaluation: per-task loss and accuracy, and zero-shot image-text retrieval by ITM score.
 
+Beside every accuracy, its chance level on the same held-out items (``.../acc_chance``: what always
+answering the most frequent target scores) and beside every recall its random level
+(``..._r{k}_chance`` = k / images), so a number can be read against what learning nothing gives.
+
 Every rank runs the same evaluation on the same batches (ZeRO-3 needs every rank in each forward);
 the held-out stream is read in shard order with a fixed seed, so its masks are the same at every
 evaluation and numbers are comparable across a run.
@@ -8,6 +12,7 @@ evaluation and numbers are comparable across a run.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,7 +37,9 @@ def evaluate_tasks(forward: Forward, val_paths: Sequence[str | Path], tasks: Seq
         config = LoaderConfig(token_budget=token_budget, split="exact", seed=EVAL_SEED, shuffle_buffer=0,
                               num_workers=0, max_text_len=max_text_len)
         loss_sum, items, correct, kl_sum = 0.0, 0, 0, 0.0
+        targets: Counter[int] = Counter()
         for batch in itertools.islice(TaskStream(val_paths, task, config), batches):
+            targets.update(_targets(batch, task))
             out = forward(batch.to(device), task)
             loss_sum += float(out.item_losses.sum())
             items += out.num_items
@@ -45,7 +52,21 @@ def evaluate_tasks(forward: Forward, val_paths: Sequence[str | Path], tasks: Seq
                 metrics["val/mrc-kl/kl_per_region"] = kl_sum / items
             if task in ACCURACY_TASKS:
                 metrics[f"val/{task}/acc"] = correct / items
+                metrics[f"val/{task}/acc_chance"] = max(targets.values()) / sum(targets.values())
     return metrics
+
+
+def _targets(batch: UniterBatch, task: str) -> list[int]:
+    """The classes an accuracy counts against, read on the host before the batch moves."""
+    if task == "itm":
+        return batch.itm_targets.tolist()
+    if task == "mlm":
+        return batch.mlm_labels.tolist()
+    if task == "mrc":  # the top non-background class
+        return (batch.mrm_soft_labels[:, 1:].argmax(-1) + 1).tolist()
+    if task == "mrc-kl":
+        return batch.mrm_soft_labels.argmax(-1).tolist()
+    return []
 
 
 def retrieval_pairs(val_paths: Sequence[str | Path], count: int, max_text_len: int | None):
@@ -88,6 +109,7 @@ def recall_at_k(scores: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[st
     for k in ks:
         out[f"val/retrieval/text_to_image_r{k}"] = float((text_rank < k).float().mean())
         out[f"val/retrieval/image_to_text_r{k}"] = float((image_rank < k).float().mean())
+        out[f"val/retrieval/r{k}_chance"] = min(k, n) / n
     return out
 
 

@@ -445,6 +445,24 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
     return result
 
 
+def format_eval(metrics: dict[str, float]) -> str:
+    """``val/itm/acc=0.9120 (0.50)``: each accuracy and recall beside its chance level."""
+    def chance(name: str) -> float | None:
+        if name.endswith("/acc"):
+            return metrics.get(name + "_chance")
+        if name.startswith("val/retrieval/"):
+            return metrics.get("val/retrieval/r" + name.rsplit("_r", 1)[1] + "_chance")
+        return None
+
+    parts = []
+    for name, value in sorted(metrics.items()):
+        if name.endswith("_chance"):
+            continue
+        level = chance(name)
+        parts.append(f"{name}={value:.4f}" + (f" ({level:.2f})" if level is not None else ""))
+    return ", ".join(parts)
+
+
 def run_tags(device: torch.device, world: int) -> dict[str, Any]:
     """MLflow tags: the code, the packages and the machine the run ran on."""
     versions = package_versions()
@@ -485,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metrics: {Path(result['run_dir']) / 'metrics.jsonl'}; MLflow: {result['mlflow']} "
               f"(run {result['mlflow_run_id']})")
         if result["eval"]:
-            print("held-out evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result["eval"].items())))
+            print("held-out evaluation (chance in brackets): " + format_eval(result["eval"]))
     return 0
 
 
