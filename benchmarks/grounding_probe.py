@@ -89,18 +89,20 @@ def main() -> None:
         model.train()
         return correct / total
 
+    def train_step(batch, task: str, lr: float) -> None:  # as the job: AdamW, gradient clipping at 5
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = model(batch, task).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+
     start, curve = time.time(), []
     if args.text_stage:
         text_loader = iter(build_loader([data / "synth-train"], "mlm", train))
         for step in range(1, args.text_stage + 1):
-            scale = min(1.0, step / warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * scale
-            loss = model(text_only(next(text_loader)), "mlm").loss
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
+            train_step(text_only(next(text_loader)), "mlm", args.lr * min(1.0, step / warmup))
         curve.append(("text stage", round(itm_accuracy(), 3)))
     if args.stage1_steps:
         mix1 = {task: float(ratio) for task, ratio in (item.split(":") for item in args.stage1_mix.split(","))}
@@ -109,24 +111,12 @@ def main() -> None:
         tasks1, weights1 = list(mix1), torch.tensor(list(mix1.values()))
         for step in range(1, args.stage1_steps + 1):
             task = tasks1[int(torch.multinomial(weights1, 1, generator=draw))]
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * min(1.0, step / warmup)
-            loss = model(next(loaders[task]), task).loss
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
+            train_step(next(loaders[task]), task, args.lr * min(1.0, step / warmup))
         curve.append(("stage 1", round(itm_accuracy(), 3)))
     for step in range(1, args.steps + 1):
         task = tasks[int(torch.multinomial(weights, 1, generator=draw))]
         scale = step / warmup if step <= warmup else max(0.0, (args.steps - step) / (args.steps - warmup))
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * scale
-        loss = model(next(loaders[task]), task).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
+        train_step(next(loaders[task]), task, args.lr * scale)
         if step % max(1, args.steps // 6) == 0:
             curve.append((step, round(itm_accuracy(), 3)))
     pairs, tokenizer = held_out_pairs(data / "synth-val", 300)

@@ -75,11 +75,9 @@ class Tracker:
         """Call ``mlflow.<name>``; while the backend is down, queue it and retry when the backoff allows."""
         if self.mlflow is None:
             return
-        if self._retry_at is not None and self._clock() < self._retry_at:
-            self._queue(name, args, kwargs)
-            return
         self._queue(name, args, kwargs)
-        self._flush()
+        if self._retry_at is None or self._clock() >= self._retry_at:
+            self._flush()
 
     def _queue(self, name: str, args: tuple, kwargs: dict) -> None:
         if len(self._pending) >= self._max_pending:
