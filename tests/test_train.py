@@ -310,3 +310,28 @@ def test_main_job_records_params_metrics_eval_and_export_in_mlflow(tmp_path, sha
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
     assert summary["tracking"] == {"failures": 0, "outages": 0, "delivered_late": 0, "dropped": 0}
     assert (run_dir / "export" / "hf" / "model.safetensors").exists()
+
+
+class _SavingEngine:
+    """Writes what DeepSpeed's save_checkpoint would, enough for the marker and retention logic."""
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        (Path(root) / tag).mkdir(parents=True)
+        (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+
+
+def test_retention_keeps_the_new_checkpoint_when_an_earlier_run_left_later_steps(tmp_path):
+    from uniter_ds.train import checkpointing
+
+    root, engine = tmp_path / "checkpoints", _SavingEngine()
+    for step in (400, 800):  # an earlier, longer run in the same directory
+        checkpointing.save(engine, root, step, {"step": step}, keep_last=3)
+    assert [p.name for p in checkpointing.complete_checkpoints(root)] == ["step00000400", "step00000800"]
+
+    new = checkpointing.save(engine, root, 500, {"step": 500}, keep_last=1)
+    assert new.is_dir() and [p.name for p in checkpointing.complete_checkpoints(root)] == ["step00000500"]
+    assert (root / "latest").read_text() == "step00000500"
+
+    checkpointing.save(engine, root, 600, {"step": 600}, keep_last=2)
+    checkpointing.save(engine, root, 700, {"step": 700}, keep_last=2)
+    assert [p.name for p in checkpointing.complete_checkpoints(root)] == ["step00000600", "step00000700"]

@@ -4,7 +4,8 @@
 writing, a ``complete.json`` marker in the tag folder and then replaces ``ROOT/latest`` atomically
 (write + rename). A run killed while saving leaves a tag without the marker, which resume ignores,
 and ``latest`` still names the previous complete checkpoint. Older checkpoints beyond ``keep_last``
-are removed after the new one is complete.
+are removed after the new one is complete (never the new one, even where an earlier run in the same
+directory left checkpoints at later steps).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _oldest_first(checkpoints: list[Path], new: Path, step: int) -> list[Path]:
+    """Retention order, the new checkpoint last: a run started afresh in a used run directory finds
+    the earlier run's checkpoints there, some at later steps than its own; they are older than
+    anything this run writes, and must never outrank (and so delete) the checkpoint just saved."""
+    earlier_run = [c for c in checkpoints if c != new and step_of(c.name) > step]
+    this_run = [c for c in checkpoints if c != new and step_of(c.name) <= step]
+    return earlier_run + this_run + [new]
+
+
 def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
@@ -65,7 +75,7 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last:
         _write_atomic(folder / MARKER, json.dumps({"step": step, "world_size": dist.get_world_size()
                                                    if dist.is_initialized() else 1}))
         _write_atomic(root / "latest", tag)
-        for old in complete_checkpoints(root)[:-keep_last]:
+        for old in _oldest_first(complete_checkpoints(root), folder, step)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.iterdir():  # incomplete tags older than the new checkpoint
             stale_step = step_of(stale.name)

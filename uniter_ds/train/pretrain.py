@@ -325,6 +325,10 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
             start_step, data_state = client["step"], client["data"]
             if rank == 0:
                 logger.info("resumed from %s at step %d", point, start_step)
+    elif rank == 0 and (earlier := checkpointing.complete_checkpoints(checkpoint_root)):
+        logger.warning("starting from step 0 in %s, which holds an earlier run's checkpoints (%s): this run's "
+                       "checkpoints replace them under checkpoint.keep_last; --resume continues that run instead",
+                       run_dir, ", ".join(p.name for p in earlier))
     feed = DataFeed(config, streams, rank, world, data_state)
 
     tracker = Tracker(run_dir, enabled=rank == 0, use_mlflow=config.tracking.mlflow,
