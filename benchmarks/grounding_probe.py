@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--wra", type=float, default=0.1)
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--mrc-kl", default="original", choices=["original", "per_region"])
     parser.add_argument("--init-range", type=float, default=0.02, help="initializer_range (BERT: 0.02)")
@@ -63,9 +65,10 @@ def main() -> None:
     parser.add_argument("--stage1-steps", type=int, default=0, help="steps of --stage1-mix before the mix")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     config = UniterConfig.from_preset("tiny", hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                      num_hidden_layers=args.layers, hidden_dropout_prob=args.dropout,
+                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                      hidden_dropout_prob=args.dropout,
                                       attention_probs_dropout_prob=args.dropout, initializer_range=args.init_range)
     model = UniterForPretraining(config, wra_weight=args.wra, mrc_kl=args.mrc_kl)
     mix = {task: float(ratio) for task, ratio in (item.split(":") for item in args.mix.split(","))}

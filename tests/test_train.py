@@ -61,6 +61,11 @@ def test_recipes_load():
     for recipe in sorted((ROOT / "launch").glob("*.yaml")):
         config = load_config(recipe)
         assert config.data.train, recipe
+    # The main job starts from its first stage's export, with the same model.
+    init, demo = load_config(ROOT / "launch" / "demo-init.yaml"), load_config(ROOT / "launch" / "demo.yaml")
+    assert demo.model.init_from == f"hf:{init.run_dir}/export/hf"
+    assert (demo.model.preset, demo.model.overrides) == (init.model.preset, init.model.overrides)
+    assert demo.data.train[0].tasks == {"itm": 3, "mlm": 4, "mrfr": 2, "mrc-kl": 2}
     base = load_config(ROOT / "launch" / "uniter-base.yaml")
     assert base.optim.lr == 5e-5 and base.optim.warmup_steps == 10000 and base.optim.grad_clip == 5.0
     assert base.optim.betas == [0.9, 0.98] and base.data.train[0].tasks == {"itm": 3, "mlm": 4, "mrfr": 2, "mrc-kl": 2}
