@@ -61,7 +61,7 @@ def _print_conversion(out: str, manifest, report) -> int:
 
 
 def _data_convert(args: argparse.Namespace) -> int:
-    from .data.convert import convert_original, convert_tsv
+    from .data.convert import convert_original, convert_tsv, convert_uniter_db
 
     common = dict(conf_th=args.conf_th, min_regions=args.min_regions, max_regions=args.max_regions,
                   max_shard_bytes=int(args.shard_mb * 2**20), name=args.name, on_error=args.on_error)
@@ -70,6 +70,11 @@ def _data_convert(args: argparse.Namespace) -> int:
             raise ValueError("convert original needs --img-dir and --txt")
         manifest, report = convert_original(args.img_dir, args.txt, args.out, vocab_file=args.vocab,
                                             with_soft_labels=not args.no_soft_labels, **common)
+    elif args.layout == "uniter-db":
+        if not (args.img_db and args.txt_db):
+            raise ValueError("convert uniter-db needs --img-db (one or more) and --txt-db")
+        manifest, report = convert_uniter_db(args.img_db, args.txt_db, args.out, vocab_file=args.vocab,
+                                             with_soft_labels=not args.no_soft_labels, **common)
     else:
         if not (args.tsv and args.captions and args.tokenizer):
             raise ValueError("convert tsv needs --tsv, --captions and --tokenizer")
@@ -197,14 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--name", default="synth")
     synth.set_defaults(run=_data_synth)
 
-    convert = data.add_parser("convert", help="from the original UNITER layout or a bottom-up-attention TSV")
-    convert.add_argument("layout", choices=["original", "tsv"])
+    convert = data.add_parser("convert", help="from the released UNITER databases, per-image npz files or a "
+                              "bottom-up-attention TSV")
+    convert.add_argument("layout", choices=["uniter-db", "original", "tsv"],
+                         help="uniter-db: the released LMDB img_db/txt_db; original: per-image .npz files + a text "
+                         "table; tsv: bottom-up-attention features")
     convert.add_argument("--out", required=True)
+    convert.add_argument("--img-db", action="append", help="uniter-db: an img_db/<name> folder (repeat for several)")
+    convert.add_argument("--txt-db", help="uniter-db: a txt_db/<name>.db folder")
     convert.add_argument("--img-dir", help="original: folder of per-image .npz files")
     convert.add_argument("--txt", help="original: JSON-lines text table or LMDB txt_db folder (meta.json beside/in it)")
-    convert.add_argument("--vocab", help="original: the tokenizer's vocab.txt; its hash is recorded and a copy kept "
-                         "beside the shards, so exports carry the tokenizer")
-    convert.add_argument("--no-soft-labels", action="store_true", help="original: do not store soft labels")
+    convert.add_argument("--vocab", help="uniter-db, original: the tokenizer's vocab.txt; its hash is recorded and a "
+                         "copy kept beside the shards, so exports carry the tokenizer")
+    convert.add_argument("--no-soft-labels", action="store_true", help="uniter-db, original: no soft labels")
     convert.add_argument("--tsv", help="tsv: the bottom-up-attention features file")
     convert.add_argument("--captions", help="tsv: JSON lines of {image_id, caption}")
     convert.add_argument("--tokenizer", help="tsv: a Hugging Face tokenizer folder")

@@ -24,6 +24,7 @@ import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,20 +101,14 @@ def _lmdb_rows(folder: Path) -> Iterator[tuple[str, dict]]:
 
 
 def original_tokenizer_info(meta_file: Path, vocab_file: Path | None, vocab_size: int | None) -> TokenizerInfo:
-    """From the reference's txt_db ``meta.json`` (``cls``, ``sep``, ``mask``, ``v_range``, ``bert``/``toker``)."""
-    meta = json.loads(meta_file.read_text())
-    missing = [k for k in ("cls", "sep", "mask", "v_range") if k not in meta]
-    if missing:
-        raise DataError(f"{meta_file}: missing {missing}")
-    if vocab_file is not None:
-        digest = TokenizerInfo.hash_vocab(vocab_file)
-        size = len(Path(vocab_file).read_text().splitlines())
-    else:
-        digest, size = "unknown", vocab_size or int(meta["v_range"][1])
-    name = meta.get("toker", meta.get("bert", "unknown"))
-    return TokenizerInfo(name=name, vocab_size=size, vocab_sha256=digest,
-                         cls_id=meta["cls"], sep_id=meta["sep"], mask_id=meta["mask"], pad_id=meta.get("pad", 0),
-                         random_range=tuple(meta["v_range"]), lowercase="uncased" in name.lower())
+    """From the reference's txt_db ``meta.json`` (``CLS``, ``SEP``, ``MASK``, ``v_range``, ``toker``; the
+    released databases spell the ids in upper case, lower case is accepted too)."""
+    from .uniter_db import tokenizer_from_meta
+
+    info = tokenizer_from_meta(meta_file, vocab_file)
+    if vocab_file is None and vocab_size:
+        info.vocab_size = vocab_size
+    return info
 
 
 def convert_original(
@@ -178,6 +173,76 @@ def convert_original(
         if not report.images_written:
             raise DataError(f"{img_dir}: no image with captions found (npz files: {len(files)})")
     if vocab_file is not None:  # the export hands it on: AutoTokenizer of the trained model
+        shutil.copy(vocab_file, Path(out) / "vocab.txt")
+    return writer.manifest, report
+
+
+def convert_uniter_db(
+    img_dbs: list[str | Path],
+    txt_db: str | Path,
+    out: str | Path,
+    *,
+    vocab_file: str | Path | None = None,
+    conf_th: float = 0.2,
+    min_regions: int = 10,
+    max_regions: int = 100,
+    with_soft_labels: bool = True,
+    max_shard_bytes: int = 512 * 2**20,
+    name: str = "data",
+    on_error: str = "raise",
+) -> tuple[Manifest, ConversionReport]:
+    """The released LMDB databases (one text database, the image databases its texts point into) ->
+    shards: one sample per image with all its texts, regions cut as the reference cuts them."""
+    from .uniter_db import ImageDb, TextDb
+
+    img_dbs = list(dict.fromkeys(Path(d).resolve() for d in img_dbs))  # LMDB opens a database once per process
+    with ExitStack() as opened:
+        texts = TextDb(txt_db)
+        opened.callback(texts.close)
+        images = []
+        for folder in img_dbs:
+            images.append(ImageDb(folder, conf_th=conf_th, min_regions=min_regions, max_regions=max_regions))
+            opened.callback(images[-1].close)
+        tokenizer = texts.tokenizer(Path(vocab_file) if vocab_file else None)
+        by_image, several = texts.texts_by_image()
+        report = ConversionReport()
+        if several:
+            report.problems.append(f"{txt_db}: {len(several)} texts name several images (e.g. {several[0]!r}, "
+                                   f"NLVR2-style), not image-text pairs: left out")
+        report.captions_without_image += len(several)
+        source = {"converter": "uniter-db", "img_dbs": [str(d) for d in img_dbs], "txt_db": str(txt_db),
+                  "conf_th": conf_th, "regions": [min_regions, max_regions], "tokenizer": tokenizer.name}
+        with DatasetWriter(out, name=name, img_dim=None, img_label_dim="auto" if with_soft_labels else None,
+                           tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, overwrite=True,
+                           source=source) as writer:
+            for file_name, text_ids in by_image.items():
+                where = f"image {file_name!r} of {txt_db}"
+                holder = next((db for db in images if file_name in db), None)
+                if holder is None:
+                    report.captions_without_image += len(text_ids)
+                    if on_error == "raise":
+                        raise DataError(f"{where}: in none of the image databases {[db.where for db in images]}")
+                    report.problems.append(f"{where}: in none of the image databases")
+                    continue
+                try:
+                    dump = holder.read(file_name)
+                    if with_soft_labels and "soft_labels" not in dump:
+                        raise DataError(f"{holder.where}[{file_name}]: no soft_labels (convert with "
+                                        f"--no-soft-labels to go without)")
+                    captions = [{"id": str(text_id), "text": row.get("raw", ""),
+                                 "input_ids": [int(t) for t in row["input_ids"]]}
+                                for text_id, row in ((t, texts.read(t)) for t in text_ids)]
+                    writer.add(Path(file_name).stem, dump["features"], positions_from_norm_bb(dump["norm_bb"]),
+                               captions, conf=dump.get("conf"),
+                               soft=dump.get("soft_labels") if with_soft_labels else None)
+                except DataError as error:
+                    report.bad_input(error, where, on_error)
+                    continue
+                report.images_written += 1
+                report.pairs_written += len(captions)
+            if not report.images_written:
+                raise DataError(f"{txt_db}: no image of its texts was found in {[str(d) for d in img_dbs]}")
+    if vocab_file is not None:
         shutil.copy(vocab_file, Path(out) / "vocab.txt")
     return writer.manifest, report
 
