@@ -1,6 +1,13 @@
-"""Tiny samples and batches for the model tests."""
+"""Tiny samples and batches for the model tests; a loopback HTTP server for the data tests."""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -38,3 +45,21 @@ def collate(samples: list[dict], itm_targets: list[int] | None = None) -> Uniter
         img_soft_labels=[s["img_soft_labels"] for s in samples],
         itm_targets=itm_targets if itm_targets is not None else [1] * len(samples),
     )
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(root: Path, handler: type[http.server.SimpleHTTPRequestHandler] = QuietHandler) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 serving ``root`` from a thread; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -19,6 +19,7 @@ from uniter_ds.train.checkpointing import find_resume_point
 from uniter_ds.train.config import ConfigError, load_config
 from uniter_ds.train.scheduler import Stream, TaskScheduler
 
+from .helpers import serve_folder
 from .launcher import ROOT, cpu_env, free_port, run_launcher
 
 EQUIVALENCE = str(ROOT / "tests" / "dist" / "equivalence.py")
@@ -231,6 +232,14 @@ def test_resume_continues_exactly_and_ignores_an_interrupted_checkpoint(tmp_path
     _pretrain(config, extra=["--resume"])
     _compare_runs(straight_run, tmp_path / "resumed", range(1, 9))
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
+
+
+def test_training_reads_shards_by_url_as_from_local_files(tmp_path, shards, straight_run):
+    """The same job with its training shards served over HTTP (a dataset folder URL) takes the same steps."""
+    with serve_folder(shards) as base:
+        train = [{"name": "synth", "paths": [f"{base}/train/"], "tasks": {"itm": 3, "mlm": 4, "mrfr": 2, "mrc-kl": 2}}]
+        _pretrain(_run_config(tmp_path, shards, "by-url", **{"data.train": train}))
+    _compare_runs(straight_run, tmp_path / "by-url", range(1, 9))
 
 
 def test_two_simulated_nodes_agree_with_one_node(tmp_path, shards, straight_run):

@@ -184,8 +184,13 @@ class Manifest:
         if not path.exists():
             raise DataError(f"{folder}: no {MANIFEST_NAME}; is this a uniter-ds dataset folder "
                             f"(made by `uniter-ds data synth|convert`)? An interrupted write leaves none.")
+        return cls.from_text(path.read_text(), str(path))
+
+    @classmethod
+    def from_text(cls, text: str, path: str) -> Manifest:
+        """A manifest's JSON text; ``path`` (a file or URL) names it in errors."""
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: not valid JSON ({error})") from error
         version = raw.get("format_version")

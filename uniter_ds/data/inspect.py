@@ -26,7 +26,7 @@ def inspect_dataset(folder: str | Path, max_examples: int = 10) -> dict[str, Any
 
     for shard in shards:
         for image in read_shard(shard, stats, on_error="skip"):
-            where = f"{shard.path.name}: sample {image.key!r}"
+            where = f"{shard.name}: sample {image.key!r}"
             for name, array in (("feat", image.feat), ("pos", image.pos), ("soft", image.soft)):
                 if array is not None and not np.isfinite(array.astype(np.float32)).all():
                     problem(f"non_finite_{name}", f"{where}: {name} has NaN or inf")

@@ -65,7 +65,7 @@ class TaskStream(IterableDataset):
         self.task, self.config, self.rank, self.world_size, self.epoch = task, config, rank, world_size, epoch
 
     def check_model(self, *, img_dim: int, img_label_dim: int, vocab_size: int, img_pos_dim: int = 7) -> None:
-        check_compatible(self.manifest, source=str(self.shards[0].path.parent), img_dim=img_dim,
+        check_compatible(self.manifest, source=self.shards[0].origin, img_dim=img_dim,
                          img_pos_dim=img_pos_dim, img_label_dim=img_label_dim, vocab_size=vocab_size,
                          need_soft_labels=self.task in ("mrc", "mrc-kl"))
 

@@ -1,5 +1,8 @@
 """Streaming reader: dataset folders -> shards split across ranks and loader workers -> images -> pairs.
 
+Sources are local folders, shard globs and brace ranges, or URLs and specs (``http(s)://``, ``pipe:``,
+``s3://``, ...; see sources.py): a remote shard streams through its opener into the same tar parser.
+
 Two ways to split, as WebDataset users know them:
 - ``exact``: each epoch, the shard list is permuted with (seed, epoch), identically on every rank, and
   global worker g of G takes shards g, g + G, ...: every pair is read exactly once per epoch.
@@ -9,27 +12,38 @@ Two ways to split, as WebDataset users know them:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
 
+from . import sources as remote
 from .format import ARRAY_FIELDS, REQUIRED_MEMBERS, DataError, Manifest, TokenizerInfo, load_npy
-from .tario import TarFormatError, iter_tar
+from .tario import TarFormatError, iter_tar_stream
 
 
 @dataclass
 class Shard:
-    path: Path
+    path: Path | str  # a local file, or a URL / pipe spec
     images: int
     bytes: int
     manifest: Manifest
+    origin: str = ""  # the dataset folder or URL it was listed under, for messages
+
+    @property
+    def name(self) -> str:
+        return self.path.name if isinstance(self.path, Path) else remote.shard_name(self.path)
+
+    @property
+    def is_remote(self) -> bool:
+        return not isinstance(self.path, Path)
 
 
 @dataclass
@@ -80,38 +94,65 @@ class ReaderStats:
 
 
 def resolve_sources(sources: Sequence[str | Path]) -> list[Shard]:
-    """Dataset folders (all their shards) or shard globs inside dataset folders -> shards, with manifests.
+    """Dataset folders (all their shards), shard globs or brace ranges, or the same as URLs and specs
+    (sources.py) -> shards, with manifests.
 
     All sources must share the tokenizer and feature dims, since they end up in the same batches.
     """
     shards: list[Shard] = []
-    manifests: dict[Path, Manifest] = {}
-    for source in sources:
-        source = str(source)
-        if os.path.isdir(source):
-            folder = Path(source)
-            manifest = manifests.setdefault(folder, Manifest.load(folder))
-            shards += [Shard(folder / s.name, s.images, s.bytes, manifest) for s in manifest.shards]
+    manifests: dict[str, Manifest] = {}
+
+    def manifest_of(location: str) -> Manifest:
+        """A local dataset folder's manifest, or a manifest URL's; each read once."""
+        if location not in manifests:
+            manifests[location] = (Manifest.load(location) if remote.local_path(location) is not None
+                                   else Manifest.from_text(remote.read_text(location), location))
+        return manifests[location]
+
+    for source in map(str, sources):
+        local = remote.local_path(source)
+        if local is None:
+            shards += _remote_shards(source, manifest_of)
             continue
-        paths = sorted(glob.glob(source))
+        if local.is_dir():
+            manifest = manifest_of(str(local))
+            shards += [Shard(local / s.name, s.images, s.bytes, manifest, str(local)) for s in manifest.shards]
+            continue
+        paths = sorted(p for spec in remote.expand(str(local)) for p in glob.glob(spec))
         if not paths:
             raise DataError(f"{source}: matches no dataset folder and no shard file")
         for path in map(Path, paths):
-            manifest = manifests.setdefault(path.parent, Manifest.load(path.parent))
+            manifest = manifest_of(str(path.parent))
             info = {s.name: s for s in manifest.shards}.get(path.name)
             if info is None:
                 raise DataError(f"{path}: not listed in {path.parent}/manifest.json (a leftover or foreign file?)")
-            shards.append(Shard(path, info.images, info.bytes, manifest))
+            shards.append(Shard(path, info.images, info.bytes, manifest, str(path.parent)))
     if not shards:
         raise DataError(f"no shards in {list(map(str, sources))}")
     first = shards[0].manifest
     for shard in shards[1:]:
         other = shard.manifest
         if (other.img_dim, other.img_pos_dim, other.tokenizer) != (first.img_dim, first.img_pos_dim, first.tokenizer):
-            raise DataError(f"{shard.path.parent}: feature dims or tokenizer differ from {shards[0].path.parent} "
+            raise DataError(f"{shard.origin}: feature dims or tokenizer differ from {shards[0].origin} "
                             f"({other.img_dim} vs {first.img_dim}-d, tokenizer {other.tokenizer.name} vs "
                             f"{first.tokenizer.name}); they cannot share batches")
     return shards
+
+
+def _remote_shards(spec: str, manifest_of) -> list[Shard]:
+    found = []
+    for url in remote.expand(spec):
+        location = remote.manifest_location(url)
+        manifest = manifest_of(location)
+        if remote.is_folder(url):  # every shard its manifest lists
+            found += [Shard(remote.shard_location(url, s.name), s.images, s.bytes, manifest, url)
+                      for s in manifest.shards]
+            continue
+        info = {s.name: s for s in manifest.shards}.get(remote.shard_name(url))
+        if info is None:
+            raise DataError(f"{url}: not listed in {location}")
+        found.append(Shard(url, info.images, info.bytes, manifest, location.rpartition("/")[0] or location))
+    return found
 
 
 def shards_for_worker(shards: list[Shard], *, mode: str, seed: int, epoch: int, global_worker: int,
@@ -158,7 +199,7 @@ def _decode(key: str, members: dict[str, bytes], shard: Shard) -> ImageRecord:
     if not captions or any(not c.get("input_ids") for c in captions):
         raise DataError(f"{where}: no captions, or a caption without tokens")
     extra = {k: v for k, v in meta.items() if k not in ("image_id", "captions")}
-    return ImageRecord(key, shard.path.name, str(meta.get("image_id", key)), feat, pos, soft, captions, extra)
+    return ImageRecord(key, shard.name, str(meta.get("image_id", key)), feat, pos, soft, captions, extra)
 
 
 def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise") -> Iterator[ImageRecord]:
@@ -170,17 +211,26 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise") -> Ite
             raise error
         stats.record(error, kind)
 
-    size = shard.path.stat().st_size if shard.path.exists() else None
-    if size != shard.bytes:
-        stats.corrupt_shards += 1
-        fail(DataError(f"{shard.path}: {f'{size} bytes' if size is not None else 'no file'} on disk, the "
-                       f"manifest says {shard.bytes} bytes (truncated, missing or replaced); its {shard.images} images "
-                       f"are not read"), "shard_size")
-        return
+    if shard.is_remote:
+        try:
+            stream = remote.open_stream(shard.path)
+        except DataError as error:
+            stats.corrupt_shards += 1
+            fail(DataError(f"{error}; its {shard.images} images are not read"), "shard_open")
+            return
+    else:
+        size = shard.path.stat().st_size if shard.path.exists() else None
+        if size != shard.bytes:
+            stats.corrupt_shards += 1
+            fail(DataError(f"{shard.path}: {f'{size} bytes' if size is not None else 'no file'} on disk, the "
+                           f"manifest says {shard.bytes} bytes (truncated, missing or replaced); its {shard.images} "
+                           f"images are not read"), "shard_size")
+            return
+        stream = open(shard.path, "rb", buffering=1 << 20)  # noqa: SIM115 -- closed below
     seen = 0
     key, members = None, {}
     try:
-        for name, data in iter_tar(shard.path):
+        for name, data in iter_tar_stream(stream):
             member_key, _, suffix = name.rpartition("/")[2].partition(".")
             if member_key != key:
                 if key is not None:
@@ -190,7 +240,10 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise") -> Ite
                         yield record
                 key, members = member_key, {}
             members[suffix] = data
-    except (TarFormatError, OSError) as error:
+        remote.close(stream, str(shard.path))
+    except (TarFormatError, OSError, HTTPException, DataError) as error:
+        with contextlib.suppress(Exception):  # the error above is the one to report
+            stream.close()
         stats.corrupt_shards += 1
         fail(DataError(f"{shard.path}: corrupt or truncated tar after {seen} of {shard.images} images "
                        f"({error}); sample {key!r} and any after it are lost"), "corrupt_shard")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 BLOCK = 512
 
@@ -27,44 +28,65 @@ def _octal(field: bytes) -> int:
 
 def iter_tar(path: str | Path, buffer_size: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
     with open(path, "rb", buffering=buffer_size) as f:
-        long_name: str | None = None
-        offset = 0
-        while True:
-            header = f.read(BLOCK)
-            if len(header) == 0:
-                raise TarFormatError(f"file ends at byte {offset} without the end-of-archive marker")
-            if len(header) < BLOCK:
-                raise TarFormatError(f"file ends inside a header at byte {offset}")
-            if header == b"\0" * BLOCK:
-                return
-            stored = _octal(header[148:156])
-            if stored != sum(header[:148]) + 256 + sum(header[156:]):
-                raise TarFormatError(f"bad header checksum at byte {offset}")
-            size = _octal(header[124:136])
-            kind = header[156:157]
-            padded = (size + BLOCK - 1) // BLOCK * BLOCK
-            data = f.read(size)
-            if len(data) < size:
-                raise TarFormatError(f"file ends inside member data at byte {offset + BLOCK + len(data)}")
-            if padded > size:
-                f.read(padded - size)
-            offset += BLOCK + padded
-            if kind in (b"L",):  # GNU long name for the next member
-                long_name = data.rstrip(b"\0").decode()
-                continue
-            if kind in (b"x",):  # PAX extended header: take its path record for the next member
-                for record in data.decode().split("\n"):
-                    if " path=" in record:
-                        long_name = record.split(" path=", 1)[1]
-                continue
-            if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers: no sample data
-                long_name = None
-                continue
-            if long_name is not None:
-                name, long_name = long_name, None
-            else:
-                name = header[0:100].rstrip(b"\0").decode()
-                prefix = header[345:500].rstrip(b"\0").decode() if header[257:263] == b"ustar\x00" else ""
-                if prefix:
-                    name = f"{prefix}/{name}"
-            yield name, data
+        yield from iter_tar_stream(f)
+
+
+def _read_exactly(f: IO[bytes], size: int) -> bytes:
+    """``size`` bytes, or fewer only at the end of the stream: a network stream returns short reads."""
+    data = f.read(size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = f.read(size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def iter_tar_stream(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """The members of a tar read from a binary stream (a file, an HTTP response, a pipe)."""
+    long_name: str | None = None
+    offset = 0
+    while True:
+        header = _read_exactly(f, BLOCK)
+        if len(header) == 0:
+            raise TarFormatError(f"file ends at byte {offset} without the end-of-archive marker")
+        if len(header) < BLOCK:
+            raise TarFormatError(f"file ends inside a header at byte {offset}")
+        if header == b"\0" * BLOCK:
+            return
+        stored = _octal(header[148:156])
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            raise TarFormatError(f"bad header checksum at byte {offset}")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        data = _read_exactly(f, size)
+        if len(data) < size:
+            raise TarFormatError(f"file ends inside member data at byte {offset + BLOCK + len(data)}")
+        if padded > size:
+            _read_exactly(f, padded - size)
+        offset += BLOCK + padded
+        if kind in (b"L",):  # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode()
+            continue
+        if kind in (b"x",):  # PAX extended header: take its path record for the next member
+            for record in data.decode().split("\n"):
+                if " path=" in record:
+                    long_name = record.split(" path=", 1)[1]
+            continue
+        if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers: no sample data
+            long_name = None
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = header[0:100].rstrip(b"\0").decode()
+            prefix = header[345:500].rstrip(b"\0").decode() if header[257:263] == b"ustar\x00" else ""
+            if prefix:
+                name = f"{prefix}/{name}"
+        yield name, data

@@ -1,0 +1,134 @@
+"""Where shards come from: local paths, or WebDataset-style URLs and specs.
+
+Accepted wherever a dataset folder or shard glob is: ``http(s)://``, ``file://``, ``pipe:CMD`` (the
+command writes the shard to stdout), and other schemes (``s3://``, ``gs://``, ...) through ``fsspec``
+where installed, else through ``webdataset.gopen``; brace ranges (``shards-{000000..000099}.tar``) in
+any of them and in local paths. A URL ending in ``/`` (or without a ``.tar``) names a dataset folder:
+its ``manifest.json`` lists the shards. A shard's manifest is the ``manifest.json`` beside it, fetched
+through the same opener (for ``pipe:``, the command with the shard's file name replaced).
+
+HTTP is read with the standard library, so a missing file is an error that says 404 rather than an
+empty stream; opening is retried with backoff on connection errors and 5xx answers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+import braceexpand
+
+from .format import MANIFEST_NAME, DataError
+
+_REMOTE = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]+://|pipe:)")
+_TAR_NAME = re.compile(r"[^\s/'\"]+\.tar\b")
+OPEN_RETRIES = 3
+OPEN_BACKOFF_S = 1.0
+TIMEOUT_S = 60.0
+
+
+def is_remote(spec: str) -> bool:
+    return bool(_REMOTE.match(spec))
+
+
+def expand(spec: str) -> list[str]:
+    """Brace ranges and lists: ``a-{000..002}.tar`` -> three names (the spec itself if it has none)."""
+    return list(braceexpand.braceexpand(spec))
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name inside a URL or pipe command."""
+    names = _TAR_NAME.findall(url)
+    if not names:
+        raise DataError(f"{url}: names no .tar shard")
+    return names[-1]
+
+
+def is_folder(url: str) -> bool:
+    """A URL that names a dataset folder (no .tar in it), whose manifest lists the shards."""
+    return not _TAR_NAME.search(url)
+
+
+def manifest_location(url: str) -> str:
+    """The manifest beside a shard (or inside a folder URL), reachable through the same opener."""
+    if is_folder(url):
+        return url.rstrip("/") + "/" + MANIFEST_NAME
+    name = shard_name(url)
+    head, _, tail = url.rpartition(name)
+    return head + MANIFEST_NAME + tail
+
+
+def shard_location(folder_url: str, name: str) -> str:
+    return folder_url.rstrip("/") + "/" + name
+
+
+def open_stream(url: str, *, retries: int = OPEN_RETRIES, backoff_s: float = OPEN_BACKOFF_S,
+                timeout_s: float = TIMEOUT_S) -> IO[bytes]:
+    """A binary stream of ``url``. Opening is retried ``retries`` times with doubling waits on
+    connection errors and server errors; a missing file (404 and other 4xx) fails at once. Errors are
+    DataErrors that name the URL."""
+    if url.startswith("file://"):
+        path = url[len("file://"):]
+        try:
+            return open(path, "rb")  # noqa: SIM115 -- the caller closes the stream
+        except OSError as error:
+            raise DataError(f"{url}: {error}") from error
+    for attempt in range(retries + 1):
+        try:
+            return _open_once(url, timeout_s)
+        except urllib.error.HTTPError as error:
+            if error.code < 500 or attempt == retries:
+                raise DataError(f"{url}: HTTP {error.code} {error.reason}") from error
+            reason = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError, TimeoutError) as error:
+            if attempt == retries:
+                raise DataError(f"{url}: cannot open after {retries + 1} attempts ({error})") from error
+            reason = str(error)
+        wait = backoff_s * 2**attempt
+        time.sleep(wait)
+    raise AssertionError(f"unreachable: {url} ({reason})")
+
+
+def _open_once(url: str, timeout_s: float) -> IO[bytes]:
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=timeout_s)  # noqa: S310 -- the scheme is checked above
+    if not url.startswith("pipe:"):
+        try:
+            import fsspec
+        except ImportError:
+            fsspec = None
+        if fsspec is not None:
+            return fsspec.open(url, "rb").open()
+    import webdataset
+
+    return webdataset.gopen(url, "rb")
+
+
+def read_text(url: str) -> str:
+    stream = open_stream(url)
+    try:
+        data = stream.read()
+    except Exception as error:
+        raise DataError(f"{url}: read failed ({error})") from error
+    finally:
+        close(stream, url)
+    return data.decode()
+
+
+def close(stream: IO[bytes], url: str) -> None:
+    """Close, turning a pipe command's failure (webdataset raises it at close) into a named error."""
+    try:
+        stream.close()
+    except Exception as error:
+        raise DataError(f"{url}: {error}") from error
+
+
+def local_path(spec: str) -> Path | None:
+    """``file://`` URLs and plain paths are local files; other URLs are not."""
+    if spec.startswith("file://"):
+        return Path(spec[len("file://"):])
+    return None if is_remote(spec) else Path(spec)
