@@ -129,11 +129,28 @@ def test_released_databases_convert_and_equal_a_direct_read(released):
         assert [c["text"] for c in image.captions] == [r["raw"] for r in rows.values() if r["img_fname"] == fname]
 
 
+def test_worker_processes_write_the_same_samples_and_report_the_same_problems(released):
+    root, _, rows = released
+    dbs = [root / "img_db" / "coco_train2014", root / "img_db" / "vg"]
+    txt_db = root / "txt_db" / "pretrain_train.db"
+    (txt_db / "txt2img.json").write_text(json.dumps({t: r["img_fname"] for t, r in rows.items()} | {"77": "gone.npz"}))
+    (txt_db / "img2txts.json").unlink()  # grouped from txt2img.json instead
+    one, report_one = convert_uniter_db(dbs, txt_db, root / "one", max_shard_bytes=20_000, on_error="skip")
+    two, report_two = convert_uniter_db(dbs, txt_db, root / "two", max_shard_bytes=20_000, on_error="skip", workers=2)
+    assert report_one == report_two and report_two.captions_without_image == 1 and report_two.images_written == 4
+    assert [(s.name, s.images) for s in one.shards] == [(s.name, s.images) for s in two.shards] and len(one.shards) > 1
+    a, b = _read_all(root / "one"), _read_all(root / "two")
+    assert list(a) == list(b)
+    for key in a:
+        assert np.array_equal(a[key].feat, b[key].feat) and np.array_equal(a[key].soft, b[key].soft)
+        assert a[key].captions == b[key].captions
+
+
 def test_the_command_line_converts_and_inspect_reads_the_result(released):
     root, _, _ = released
     convert = [sys.executable, "-m", "uniter_ds.cli", "data", "convert", "uniter-db", "--out", str(root / "out"),
                "--img-db", str(root / "img_db" / "coco_train2014"), "--img-db", str(root / "img_db" / "vg"),
-               "--txt-db", str(root / "txt_db" / "pretrain_train.db"), "--shard-mb", "1"]
+               "--txt-db", str(root / "txt_db" / "pretrain_train.db"), "--shard-mb", "1", "--workers", "1"]
     done = subprocess.run(convert, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     inspect = subprocess.run([sys.executable, "-m", "uniter_ds.cli", "data", "inspect", str(root / "out"), "--json"],

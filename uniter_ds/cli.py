@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -74,7 +75,8 @@ def _data_convert(args: argparse.Namespace) -> int:
         if not (args.img_db and args.txt_db):
             raise ValueError("convert uniter-db needs --img-db (one or more) and --txt-db")
         manifest, report = convert_uniter_db(args.img_db, args.txt_db, args.out, vocab_file=args.vocab,
-                                             with_soft_labels=not args.no_soft_labels, **common)
+                                             with_soft_labels=not args.no_soft_labels, workers=args.workers,
+                                             progress=sys.stderr.isatty(), **common)
     else:
         if not (args.tsv and args.captions and args.tokenizer):
             raise ValueError("convert tsv needs --tsv, --captions and --tokenizer")
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True)
     convert.add_argument("--img-db", action="append", help="uniter-db: an img_db/<name> folder (repeat for several)")
     convert.add_argument("--txt-db", help="uniter-db: a txt_db/<name>.db folder")
+    convert.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                         help="uniter-db: processes reading and decoding the databases (default: all cores)")
     convert.add_argument("--img-dir", help="original: folder of per-image .npz files")
     convert.add_argument("--txt", help="original: JSON-lines text table or LMDB txt_db folder (meta.json beside/in it)")
     convert.add_argument("--vocab", help="uniter-db, original: the tokenizer's vocab.txt; its hash is recorded and a "

@@ -24,7 +24,6 @@ import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,58 +189,57 @@ def convert_uniter_db(
     max_shard_bytes: int = 512 * 2**20,
     name: str = "data",
     on_error: str = "raise",
+    workers: int = 1,
+    progress: bool = False,
 ) -> tuple[Manifest, ConversionReport]:
     """The released LMDB databases (one text database, the image databases its texts point into) ->
-    shards: one sample per image with all its texts, regions cut as the reference cuts them."""
-    from .uniter_db import ImageDb, TextDb
+    shards: one sample per image with all its texts, regions cut as the reference cuts them. ``workers``
+    processes read and decode; the shards are the same whatever their number."""
+    from tqdm import tqdm
+
+    from .uniter_db import MissingImage, ReleasedDatabases, read_samples
 
     img_dbs = list(dict.fromkeys(Path(d).resolve() for d in img_dbs))  # LMDB opens a database once per process
-    with ExitStack() as opened:
-        texts = TextDb(txt_db)
-        opened.callback(texts.close)
-        images = []
-        for folder in img_dbs:
-            images.append(ImageDb(folder, conf_th=conf_th, min_regions=min_regions, max_regions=max_regions))
-            opened.callback(images[-1].close)
-        tokenizer = texts.tokenizer(Path(vocab_file) if vocab_file else None)
-        by_image, several = texts.texts_by_image()
+    databases = ReleasedDatabases(img_dbs, Path(txt_db), conf_th=conf_th, min_regions=min_regions,
+                                  max_regions=max_regions)
+    try:
+        tokenizer = databases.texts.tokenizer(Path(vocab_file) if vocab_file else None)
+        by_image, several = databases.texts.texts_by_image()
         report = ConversionReport()
         if several:
             report.problems.append(f"{txt_db}: {len(several)} texts name several images (e.g. {several[0]!r}, "
                                    f"NLVR2-style), not image-text pairs: left out")
         report.captions_without_image += len(several)
+        items = [(file_name, text_ids, with_soft_labels) for file_name, text_ids in by_image.items()]
         source = {"converter": "uniter-db", "img_dbs": [str(d) for d in img_dbs], "txt_db": str(txt_db),
                   "conf_th": conf_th, "regions": [min_regions, max_regions], "tokenizer": tokenizer.name}
         with DatasetWriter(out, name=name, img_dim=None, img_label_dim="auto" if with_soft_labels else None,
                            tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, overwrite=True,
                            source=source) as writer:
-            for file_name, text_ids in by_image.items():
+            samples = tqdm(read_samples(databases, items, workers), total=len(items), unit="img",
+                           disable=not progress, desc="converting")
+            for (file_name, text_ids, _), sample in zip(items, samples):
                 where = f"image {file_name!r} of {txt_db}"
-                holder = next((db for db in images if file_name in db), None)
-                if holder is None:
+                if isinstance(sample, MissingImage):
                     report.captions_without_image += len(text_ids)
                     if on_error == "raise":
-                        raise DataError(f"{where}: in none of the image databases {[db.where for db in images]}")
-                    report.problems.append(f"{where}: in none of the image databases")
+                        raise sample
+                    report.problems.append(str(sample))
                     continue
                 try:
-                    dump = holder.read(file_name)
-                    if with_soft_labels and "soft_labels" not in dump:
-                        raise DataError(f"{holder.where}[{file_name}]: no soft_labels (convert with "
-                                        f"--no-soft-labels to go without)")
-                    captions = [{"id": str(text_id), "text": row.get("raw", ""),
-                                 "input_ids": [int(t) for t in row["input_ids"]]}
-                                for text_id, row in ((t, texts.read(t)) for t in text_ids)]
-                    writer.add(Path(file_name).stem, dump["features"], positions_from_norm_bb(dump["norm_bb"]),
-                               captions, conf=dump.get("conf"),
-                               soft=dump.get("soft_labels") if with_soft_labels else None)
+                    if isinstance(sample, DataError):
+                        raise sample
+                    writer.add(sample.pop("image_id"), sample.pop("feat"), sample.pop("pos"), sample.pop("captions"),
+                               **sample)
                 except DataError as error:
                     report.bad_input(error, where, on_error)
                     continue
                 report.images_written += 1
-                report.pairs_written += len(captions)
+                report.pairs_written += len(text_ids)
             if not report.images_written:
                 raise DataError(f"{txt_db}: no image of its texts was found in {[str(d) for d in img_dbs]}")
+    finally:
+        databases.close()
     if vocab_file is not None:
         shutil.copy(vocab_file, Path(out) / "vocab.txt")
     return writer.manifest, report

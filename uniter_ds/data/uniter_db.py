@@ -231,3 +231,87 @@ class TextDb:
 
     def close(self) -> None:
         self.env.close()
+
+
+class MissingImage(DataError):
+    """A text names an image that none of the image databases holds."""
+
+
+class ReleasedDatabases:
+    """One text database and the image databases its texts point into, opened together: what one
+    conversion process (or worker) reads from."""
+
+    def __init__(self, img_dbs: list[Path], txt_db: Path, *, conf_th: float, min_regions: int, max_regions: int):
+        self.texts = TextDb(txt_db)
+        self.images: list[ImageDb] = []
+        try:
+            for folder in img_dbs:
+                self.images.append(ImageDb(folder, conf_th=conf_th, min_regions=min_regions, max_regions=max_regions))
+        except BaseException:
+            self.close()
+            raise
+        self.txt_db = txt_db
+
+    def sample(self, file_name: str, text_ids: list[str], with_soft_labels: bool) -> dict[str, Any]:
+        """One image with its texts, as ``DatasetWriter.add`` takes it."""
+        from .format import positions_from_norm_bb
+
+        holder = next((db for db in self.images if file_name in db), None)
+        if holder is None:
+            raise MissingImage(f"image {file_name!r} of {self.txt_db}: in none of the image databases "
+                               f"{[db.where for db in self.images]}")
+        dump = holder.read(file_name)
+        if with_soft_labels and "soft_labels" not in dump:
+            raise DataError(f"{holder.where}[{file_name}]: no soft_labels (convert with --no-soft-labels to go "
+                            f"without)")
+        captions = []
+        for text_id in text_ids:
+            row = self.texts.read(text_id)
+            captions.append({"id": str(text_id), "text": row.get("raw", ""),
+                             "input_ids": [int(t) for t in row["input_ids"]]})
+        return {"image_id": Path(file_name).stem, "feat": dump["features"],
+                "pos": positions_from_norm_bb(dump["norm_bb"]), "captions": captions, "conf": dump.get("conf"),
+                "soft": dump.get("soft_labels") if with_soft_labels else None}
+
+    def close(self) -> None:
+        self.texts.close()
+        for db in self.images:
+            db.close()
+
+
+_worker_databases: ReleasedDatabases | None = None
+
+
+def _open_in_worker(img_dbs: list[Path], txt_db: Path, options: dict[str, Any]) -> None:
+    global _worker_databases
+    _worker_databases = ReleasedDatabases(img_dbs, txt_db, **options)
+
+
+def _sample_in_worker(item: tuple[str, list[str], bool]) -> dict[str, Any] | DataError:
+    try:
+        return _worker_databases.sample(*item)
+    except DataError as error:  # returned, not raised: the writer decides (raise, or skip and count)
+        return error
+
+
+def read_samples(databases: ReleasedDatabases, items: list[tuple[str, list[str], bool]], workers: int,
+                 window: int = 256) -> Iterator[dict[str, Any] | DataError]:
+    """Each item's sample (or its DataError), in the items' order. With ``workers`` > 1, spawned
+    processes read and decode (each opens the databases itself: LMDB does not survive a fork) in
+    windows of ``window`` items, so memory stays bounded however large the database."""
+    if workers <= 1:
+        for item in items:
+            try:
+                yield databases.sample(*item)
+            except DataError as error:
+                yield error
+        return
+    import multiprocessing
+
+    options = {"conf_th": databases.images[0].conf_th, "min_regions": databases.images[0].min_regions,
+               "max_regions": databases.images[0].max_regions}
+    paths = [Path(db.where) for db in databases.images]
+    with multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_open_in_worker, initargs=(paths, databases.txt_db, options)) as pool:
+        for start in range(0, len(items), window):
+            yield from pool.imap(_sample_in_worker, items[start:start + window], chunksize=8)
