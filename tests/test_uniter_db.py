@@ -47,7 +47,7 @@ def write_img_db(folder: Path, images: dict[str, dict[str, np.ndarray]], compres
     """The released image database; returns what it stored (fp16, cut to the box count)."""
     name = DB_NAME + ("_compressed" if compressed else "")
     (folder / name).mkdir(parents=True)
-    env = lmdb.open(str(folder / name), map_size=2**26)
+    env = lmdb.open(str(folder / name), map_size=2**36)  # an upper bound, not an allocation
     stored, nbb = {}, {}
     with env.begin(write=True) as txn:
         for fname, arrays in images.items():

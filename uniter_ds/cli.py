@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -212,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True)
     convert.add_argument("--img-db", action="append", help="uniter-db: an img_db/<name> folder (repeat for several)")
     convert.add_argument("--txt-db", help="uniter-db: a txt_db/<name>.db folder")
-    convert.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                         help="uniter-db: processes reading and decoding the databases (default: all cores)")
+    convert.add_argument("--workers", type=int, default=1,
+                         help="uniter-db: processes reading and decoding the databases (each costs ~4 s to start; "
+                         "on 2 cores one was fastest, benchmarks/RESULTS.md)")
     convert.add_argument("--img-dir", help="original: folder of per-image .npz files")
     convert.add_argument("--txt", help="original: JSON-lines text table or LMDB txt_db folder (meta.json beside/in it)")
     convert.add_argument("--vocab", help="uniter-db, original: the tokenizer's vocab.txt; its hash is recorded and a "
