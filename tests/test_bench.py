@@ -207,6 +207,13 @@ def test_bench_data_cli(tmp_path):
     assert all(r["samples_per_s"] > 0 and r["batches"] > 0 for r in report["rows"])
     assert report["rows"][0]["padding_fraction"] < report["rows"][2]["padding_fraction"]  # fixed counts pad less
     assert_plots(report, tmp_path, 1)
+    out = tmp_path / "http.json"
+    result = run_cli(["bench", "data", "--regions", "12", "--images", "60", "--tasks", "mlm", "--workers", "0",
+                      "--seconds", "0.3", "--token-budget", "512", "--data-dir", str(tmp_path / "d"), "--via", "local",
+                      "http", "--out", str(out), "--no-plots"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["via"] for r in rows] == ["local", "http"] and all(r["batches"] > 0 for r in rows)
     result = run_cli(["bench", "data", "--regions", "ten", "--data-dir", str(tmp_path / "d")])
     assert result.returncode == 2 and "'ten'" in result.stderr
 

@@ -214,12 +214,13 @@ def _data(args: argparse.Namespace) -> int:
     from .data import bench_data
 
     def show(row: dict[str, Any]) -> None:
-        print(f"regions {row['regions']:>6}  {row['task']:<6} workers {row['workers']}  {row['samples_per_s']:>8.1f} "
+        print(f"regions {row['regions']:>6}  {row['task']:<6} {row['via']:<5} workers {row['workers']}  "
+              f"{row['samples_per_s']:>8.1f} "
               f"samples/s  ({row['samples_per_s_per_process']:.1f} per process)  batch {row['mean_batch_size']:.1f}  "
               f"padding {100 * row['padding_fraction']:.1f}%", flush=True)
 
     report = bench_data(args.regions, args.tasks, args.workers, images=args.images, token_budget=args.token_budget,
-                        seconds=args.seconds, data_dir=args.data_dir, report=show)
+                        seconds=args.seconds, data_dir=args.data_dir, via=tuple(args.via), report=show)
     report["command"] = "uniter-ds bench " + " ".join(args.argv)
     if args.out:
         _write(report, Path(args.out), None if args.no_plots else "data")
@@ -325,6 +326,8 @@ def add_parser(commands: Any) -> None:
     data.add_argument("--token-budget", type=int, default=8192)
     data.add_argument("--seconds", type=float, default=5.0)
     data.add_argument("--data-dir", help="where the synthetic shards are written")
+    data.add_argument("--via", nargs="+", default=["local"], choices=["local", "http"],
+                      help="read the shards from disk and/or from a loopback HTTP server")
     data.add_argument("--out", help="JSON report; a plot is written beside it")
     data.add_argument("--no-plots", action="store_true")
     data.set_defaults(run=_data)

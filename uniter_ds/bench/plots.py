@@ -112,14 +112,15 @@ def plot_data(report: dict[str, Any], json_path: str | Path) -> list[Path]:
     plt = pyplot()
     rows = report["rows"]
     labels = sorted({(r["regions"], r["task"]) for r in rows}, key=lambda x: (x[0], x[1]))
-    workers = sorted({r["workers"] for r in rows})
+    series = sorted({(r["workers"], r.get("via", "local")) for r in rows})
     figure, axis = plt.subplots(figsize=(max(6, len(labels) * 0.6), 4))
-    width = 0.8 / len(workers)
-    for i, count in enumerate(workers):
-        values = {(r["regions"], r["task"]): r["samples_per_s"] for r in rows if r["workers"] == count}
+    width = 0.8 / len(series)
+    for i, (count, via) in enumerate(series):
+        values = {(r["regions"], r["task"]): r["samples_per_s"] for r in rows
+                  if (r["workers"], r.get("via", "local")) == (count, via)}
         axis.bar([x + i * width for x in range(len(labels))], [values.get(label, 0) for label in labels], width,
-                 label="in-process" if count == 0 else f"{count} worker(s)")
-    axis.set_xticks([x + width * (len(workers) - 1) / 2 for x in range(len(labels))],
+                 label=("in-process" if count == 0 else f"{count} worker(s)") + ("" if via == "local" else f", {via}"))
+    axis.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))],
                     [f"{regions}\n{task}" for regions, task in labels], fontsize=7)
     axis.set_ylabel("samples/s")
     axis.set_title(f"Data loader, token budget {report['token_budget']} ({report['machine']})", fontsize=9)
