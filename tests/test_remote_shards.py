@@ -124,3 +124,22 @@ def test_inspect_reads_a_dataset_by_url(served):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["pairs"] == resolve_sources([f"{base}/ds/"])[0].manifest.pairs
+
+
+def test_a_cache_directory_keeps_remote_shards_after_the_first_read(served, tmp_path, monkeypatch):
+    root, base = served
+    shards = resolve_sources([f"{base}/ds/"])[:2]
+    first, _ = _images(shards)
+    stats = ReaderStats()
+    cached = [im for shard in shards for im in read_shard(shard, stats, cache_dir=tmp_path / "cache")]
+    assert [im.key for im in cached] == [im.key for im in first]
+    copies = sorted(p.name for p in (tmp_path / "cache").rglob("*.tar"))
+    assert copies == sorted(s.name for s in shards) and not list((tmp_path / "cache").rglob("*.part"))
+    away = root / "ds" / (shards[0].name + ".away")
+    (root / "ds" / shards[0].name).rename(away)  # the server no longer has it: the cache answers
+    try:
+        monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / "cache"))
+        again, _ = _images(shards)
+        assert [im.key for im in again] == [im.key for im in first]
+    finally:
+        away.rename(root / "ds" / shards[0].name)

@@ -37,6 +37,7 @@ class LoaderConfig:
     itm_neg_prob: float = 0.5
     masking: str = "conditional"  # or "joint"
     pad_to_multiple_of: int = 1
+    cache_dir: str | None = None  # remote shards are downloaded here once (default: $UNITER_DS_SHARD_CACHE)
 
     def __post_init__(self) -> None:
         checks = {
@@ -84,7 +85,7 @@ class TaskStream(IterableDataset):
         stats = ReaderStats()
         shards = shards_for_worker(self.shards, mode=cfg.split, seed=cfg.seed, epoch=self.epoch,
                                    global_worker=global_worker, num_global_workers=self.world_size * num_workers)
-        images = itertools.chain.from_iterable(read_shard(s, stats, cfg.on_error) for s in shards)
+        images = itertools.chain.from_iterable(read_shard(s, stats, cfg.on_error, cfg.cache_dir) for s in shards)
         tokenizer = self.manifest.tokenizer
         pairs = itertools.chain.from_iterable(pairs_of(im, tokenizer, cfg.max_text_len, stats) for im in images)
         transform = TaskTransform(self.task, tokenizer, np_rng, mask_prob=cfg.mask_prob,

@@ -13,8 +13,10 @@ Two ways to split, as WebDataset users know them:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -202,15 +204,26 @@ def _decode(key: str, members: dict[str, bytes], shard: Shard) -> ImageRecord:
     return ImageRecord(key, shard.name, str(meta.get("image_id", key)), feat, pos, soft, captions, extra)
 
 
-def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise") -> Iterator[ImageRecord]:
+def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
+               cache_dir: str | Path | None = None) -> Iterator[ImageRecord]:
     """The images of one shard, in order. Errors name the shard and the sample; with ``on_error='skip'``
-    a bad sample is skipped and a corrupt or truncated shard ends early, each counted in ``stats``."""
+    a bad sample is skipped and a corrupt or truncated shard ends early, each counted in ``stats``.
+    ``cache_dir`` (default: the UNITER_DS_SHARD_CACHE environment variable): remote shards are
+    downloaded there once and read from disk afterwards."""
+    cache_dir = cache_dir or os.environ.get(remote.CACHE_ENV)
 
     def fail(error: DataError, kind: str) -> None:
         if on_error == "raise":
             raise error
         stats.record(error, kind)
 
+    if shard.is_remote and cache_dir:
+        try:
+            shard = dataclasses.replace(shard, path=remote.cached_copy(shard.path, shard.bytes, cache_dir))
+        except (DataError, OSError, HTTPException) as error:
+            stats.corrupt_shards += 1
+            fail(DataError(f"{shard.path}: not cached ({error}); its {shard.images} images are not read"), "shard_open")
+            return
     if shard.is_remote:
         try:
             stream = remote.open_stream(shard.path)

@@ -127,6 +127,38 @@ def close(stream: IO[bytes], url: str) -> None:
         raise DataError(f"{url}: {error}") from error
 
 
+CACHE_ENV = "UNITER_DS_SHARD_CACHE"
+
+
+def cached_copy(url: str, expected_bytes: int, cache_dir: str | Path) -> Path:
+    """A local copy of a remote shard under ``cache_dir`` (downloaded once, checked against the
+    manifest's size; written to a temporary name and renamed, so concurrent readers and a killed
+    download never leave a partial shard under the final name)."""
+    import hashlib
+    import os
+
+    folder = Path(cache_dir) / hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = folder / shard_name(url)
+    if path.exists() and path.stat().st_size == expected_bytes:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{path.name}.{os.getpid()}.part"
+    stream = open_stream(url)
+    try:
+        with open(partial, "wb") as out:
+            while chunk := stream.read(1 << 20):
+                out.write(chunk)
+        close(stream, url)
+        size = partial.stat().st_size
+        if size != expected_bytes:
+            raise DataError(f"{url}: downloaded {size} bytes, the manifest says {expected_bytes}")
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def local_path(spec: str) -> Path | None:
     """``file://`` URLs and plain paths are local files; other URLs are not."""
     if spec.startswith("file://"):

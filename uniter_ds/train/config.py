@@ -58,6 +58,7 @@ class DataSection:
     on_error: str = "raise"  # raise | skip
     masking: str = "conditional"  # conditional | joint
     pad_to_multiple_of: int = 1
+    cache_dir: str | None = None  # remote (URL) shards are downloaded here once and read locally after
     # How a resumed run finds its place in the data: "replay" re-reads the batches already used
     # (exact, costs reading time); "reseed" starts fresh streams seeded with the step (no re-reading).
     resume: str = "replay"

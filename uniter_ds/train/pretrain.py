@@ -167,7 +167,7 @@ class DataFeed:
         self.loader_config = LoaderConfig(
             token_budget=data.token_budget, split=data.split, seed=config.seed, shuffle_buffer=data.shuffle_buffer,
             max_text_len=data.max_text_len, on_error=data.on_error, num_workers=data.num_workers,
-            masking=data.masking, pad_to_multiple_of=data.pad_to_multiple_of)
+            masking=data.masking, pad_to_multiple_of=data.pad_to_multiple_of, cache_dir=data.cache_dir)
         self.paths = {d.name: d.paths for d in data.train}
         self.position = {s.name: {"epoch": 0, "batches": 0} for s in streams}
         self.streams = {s.name: s for s in streams}
