@@ -254,13 +254,14 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
                 key, members = member_key, {}
             members[suffix] = data
         remote.close(stream, str(shard.path))
-    except (TarFormatError, OSError, HTTPException, DataError) as error:
-        with contextlib.suppress(Exception):  # the error above is the one to report
-            stream.close()
+    except (TarFormatError, OSError, HTTPException, remote.StreamError) as error:
         stats.corrupt_shards += 1
         fail(DataError(f"{shard.path}: corrupt or truncated tar after {seen} of {shard.images} images "
                        f"({error}); sample {key!r} and any after it are lost"), "corrupt_shard")
         return
+    finally:  # also when the consumer stops early or a sample's error propagates
+        with contextlib.suppress(Exception):
+            stream.close()
     if key is not None:
         record = _checked(key, members, shard, stats, fail)
         seen += 1

@@ -119,12 +119,16 @@ def read_text(url: str) -> str:
     return data.decode()
 
 
+class StreamError(DataError):
+    """A remote stream failed after it opened (e.g. a pipe command that exits non-zero)."""
+
+
 def close(stream: IO[bytes], url: str) -> None:
     """Close, turning a pipe command's failure (webdataset raises it at close) into a named error."""
     try:
         stream.close()
     except Exception as error:
-        raise DataError(f"{url}: {error}") from error
+        raise StreamError(f"{url}: {error}") from error
 
 
 CACHE_ENV = "UNITER_DS_SHARD_CACHE"
