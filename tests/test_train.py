@@ -349,3 +349,26 @@ def test_retention_keeps_the_new_checkpoint_when_an_earlier_run_left_later_steps
     checkpointing.save(engine, root, 600, {"step": 600}, keep_last=2)
     checkpointing.save(engine, root, 700, {"step": 700}, keep_last=2)
     assert [p.name for p in checkpointing.complete_checkpoints(root)] == ["step00000600", "step00000700"]
+
+
+def test_the_launcher_resolves_every_dataset_and_the_resume_path_before_starting_ranks(tmp_path, shards):
+    def pretrain(config: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "uniter_ds.cli", "pretrain", "--config", str(config), "--dry-run",
+                               *extra], capture_output=True, text=True, env=cpu_env(), timeout=120)
+
+    tasks = {"itm": 1, "mlm": 1}
+    with serve_folder(shards) as base:
+        by_url = _run_config(tmp_path, shards, "url", **{"data.train": [
+            {"name": "synth", "paths": [f"{base}/train/"], "tasks": tasks}], "data.val": [f"{base}/val/"]})
+        done = pretrain(by_url)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "uniter_ds.train.pretrain" in done.stdout
+        missing = _run_config(tmp_path, shards, "missing-val", **{"data.val": [f"{base}/nowhere/"]})
+        done = pretrain(missing)
+        assert done.returncode != 0 and "config key 'data.val'" in done.stderr and "HTTP 404" in done.stderr
+    local_typo = _run_config(tmp_path, shards, "typo", **{"data.train": [
+        {"name": "synth", "paths": [str(shards / "trian")], "tasks": tasks}]})
+    done = pretrain(local_typo)
+    assert done.returncode != 0 and "config key 'data.train.0.paths'" in done.stderr and "trian" in done.stderr
+    done = pretrain(_run_config(tmp_path, shards, "resume"), "--resume", str(tmp_path / "no-such-checkpoint"))
+    assert done.returncode != 0 and "no-such-checkpoint: does not exist" in done.stderr

@@ -79,10 +79,20 @@ def run(args: argparse.Namespace) -> int:
         json.loads(ds_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"config key 'deepspeed_config': {ds_path} is not valid JSON ({error})") from None
-    for i, dataset in enumerate(config.data.train):
-        for path in dataset.paths:
-            if not (Path(path).exists() or any(Path().glob(path))):
-                raise ValueError(f"config key 'data.train.{i}.paths': {path} does not exist")
+    from ..data import DataError, resolve_sources
+
+    # Every dataset is resolved here as the ranks will resolve it (folders, globs, brace ranges, URLs
+    # with their manifests), so a wrong path fails before any rank starts.
+    datasets = [(f"data.train.{i}.paths", d.paths) for i, d in enumerate(config.data.train)]
+    datasets += [("data.val", config.data.val)] if config.data.val else []
+    for key, paths in datasets:
+        try:
+            resolve_sources(paths)
+        except DataError as error:
+            raise ValueError(f"config key '{key}': {error}") from None
+    if args.resume not in (None, "latest") and not Path(args.resume).exists():
+        raise ValueError(f"--resume {args.resume}: does not exist (a checkpoint folder, or a run's checkpoints "
+                         f"folder; --resume alone continues the run directory's latest)")
     import torch
 
     on_gpu = torch.cuda.is_available()

@@ -314,6 +314,8 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
 
     start_step, data_state = 0, None
     checkpoint_root = run_dir / "checkpoints"
+    if resume not in (None, "latest") and not Path(resume).exists():
+        raise FileNotFoundError(f"--resume {resume}: does not exist")
     if resume is not None:
         point = checkpointing.find_resume_point(checkpoint_root if resume == "latest" else Path(resume))
         if point is None:
