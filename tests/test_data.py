@@ -350,6 +350,21 @@ def test_truncated_shard_raises_or_is_skipped_and_counted(corpus, tmp_path):
     assert pairs == manifest.pairs - manifest.shards[2].pairs
 
 
+def test_a_damaged_tar_header_names_the_shard_or_is_counted(corpus, tmp_path):
+    """4 KiB of non-octal text over the middle of a shard (headers' number fields included)."""
+    folder, manifest = _corrupt_copy(corpus, tmp_path)
+    victim = folder / manifest.shards[1].name
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = b"9" * 4096
+    victim.write_bytes(bytes(data))
+    shard = resolve_sources([victim])[0]
+    with pytest.raises(DataError, match=rf"{victim.name}: corrupt or truncated tar after \d+ of {shard.images}"):
+        list(read_shard(shard, ReaderStats()))
+    stats = ReaderStats()
+    images = list(read_shard(shard, stats, on_error="skip"))
+    assert len(images) < shard.images and stats.corrupt_shards == 1 and stats.errors["corrupt_shard"] == 1
+
+
 def test_corrupt_tar_with_the_right_size_is_reported(corpus, tmp_path):
     folder, manifest = _corrupt_copy(corpus, tmp_path)
     victim = folder / manifest.shards[1].name

@@ -23,7 +23,10 @@ def _octal(field: bytes) -> int:
     field = field.rstrip(b"\0 ").strip()
     if field and field[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
-    return int(field, 8) if field else 0
+    try:
+        return int(field, 8) if field else 0
+    except ValueError:  # a damaged header: a shard error, not a crash of the caller
+        raise TarFormatError(f"bad number field {bytes(field[:12])!r} in a tar header") from None
 
 
 def iter_tar(path: str | Path, buffer_size: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
