@@ -68,15 +68,10 @@ def shard_location(folder_url: str, name: str) -> str:
 
 def open_stream(url: str, *, retries: int = OPEN_RETRIES, backoff_s: float = OPEN_BACKOFF_S,
                 timeout_s: float = TIMEOUT_S) -> IO[bytes]:
-    """A binary stream of ``url``. Opening is retried ``retries`` times with doubling waits on
+    """A binary stream of a remote ``url`` (``file://`` sources are resolved as local paths, local_path).
+    Opening is retried ``retries`` times with doubling waits on
     connection errors and server errors; a missing file (404 and other 4xx) fails at once. Errors are
     DataErrors that name the URL."""
-    if url.startswith("file://"):
-        path = url[len("file://"):]
-        try:
-            return open(path, "rb")  # noqa: SIM115 -- the caller closes the stream
-        except OSError as error:
-            raise DataError(f"{url}: {error}") from error
     for attempt in range(retries + 1):
         try:
             return _open_once(url, timeout_s)
