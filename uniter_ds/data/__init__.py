@@ -1,15 +1,33 @@
-"""The data path: WebDataset shards of region features and captions -> task batches."""
+"""The data path: WebDataset shards of region features and captions -> task batches.
 
-from .batching import TASKS, TaskSample, TaskTransform, budget_batches, collate, mask_regions, mask_text
-from .format import DataError, Manifest, TokenizerInfo, check_compatible, positions_from_boxes, positions_from_norm_bb
-from .loader import LoaderConfig, LoaderStats, TaskStream, build_loader
-from .reader import ImageRecord, Pair, ReaderStats, read_shard, resolve_sources
-from .synth import synth_dataset
-from .writer import DatasetWriter
+Names are imported on first use: the converters and their worker processes need numpy and the
+databases, not torch (importing torch costs seconds per spawned process)."""
 
-__all__ = [
-    "TASKS", "DataError", "DatasetWriter", "ImageRecord", "LoaderConfig", "LoaderStats", "Manifest", "Pair",
-    "ReaderStats", "TaskSample", "TaskStream", "TaskTransform", "TokenizerInfo", "budget_batches", "build_loader",
-    "check_compatible", "collate", "mask_regions", "mask_text", "positions_from_boxes", "positions_from_norm_bb",
-    "read_shard", "resolve_sources", "synth_dataset",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "batching": ["TASKS", "TaskSample", "TaskTransform", "budget_batches", "collate", "mask_regions", "mask_text"],
+    "format": ["DataError", "Manifest", "TokenizerInfo", "check_compatible", "positions_from_boxes",
+               "positions_from_norm_bb"],
+    "loader": ["LoaderConfig", "LoaderStats", "TaskStream", "build_loader"],
+    "reader": ["ImageRecord", "Pair", "ReaderStats", "read_shard", "resolve_sources"],
+    "synth": ["synth_dataset"],
+    "writer": ["DatasetWriter"],
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
