@@ -63,8 +63,13 @@ def _print_conversion(out: str, manifest, report) -> int:
 def _data_convert(args: argparse.Namespace) -> int:
     from .data.convert import convert_original, convert_tsv, convert_uniter_db
 
-    common = dict(conf_th=args.conf_th, min_regions=args.min_regions, max_regions=args.max_regions,
-                  max_shard_bytes=int(args.shard_mb * 2**20), name=args.name, on_error=args.on_error)
+    common = dict(conf_th=args.conf_th, min_regions=args.min_regions, max_regions=args.max_regions, name=args.name,
+                  on_error=args.on_error)
+    if args.layout == "uniter-db" and args.shard_mb is not None:
+        raise ValueError("convert uniter-db sizes shards by --shard-images (each worker writes whole shards, and an "
+                         "interrupted conversion restarts per shard); --shard-mb is for original and tsv")
+    if args.layout != "uniter-db":
+        common["max_shard_bytes"] = int((args.shard_mb or 512) * 2**20)
     if args.layout == "original":
         if not (args.img_dir and args.txt):
             raise ValueError("convert original needs --img-dir and --txt")
@@ -75,7 +80,9 @@ def _data_convert(args: argparse.Namespace) -> int:
             raise ValueError("convert uniter-db needs --img-db (one or more) and --txt-db")
         manifest, report = convert_uniter_db(args.img_db, args.txt_db, args.out, vocab_file=args.vocab,
                                              with_soft_labels=not args.no_soft_labels, workers=args.workers,
-                                             progress=sys.stderr.isatty(), **common)
+                                             images_per_shard=args.shard_images, restart=args.restart,
+                                             progress=sys.stderr.isatty(),
+                                             log=lambda line: print(line, file=sys.stderr), **common)
     else:
         if not (args.tsv and args.captions and args.tokenizer):
             raise ValueError("convert tsv needs --tsv, --captions and --tokenizer")
@@ -212,8 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--img-db", action="append", help="uniter-db: an img_db/<name> folder (repeat for several)")
     convert.add_argument("--txt-db", help="uniter-db: a txt_db/<name>.db folder")
     convert.add_argument("--workers", type=int, default=1,
-                         help="uniter-db: processes reading and decoding the databases (each costs ~4 s to start; "
-                         "on 2 cores one was fastest, benchmarks/RESULTS.md)")
+                         help="uniter-db: processes converting whole shards at once (the reference used 8); the "
+                         "shards are the same whatever their number")
+    convert.add_argument("--shard-images", type=int, default=1000,
+                         help="uniter-db: images per shard (1000: ~260 MB at 36 regions with soft labels)")
+    convert.add_argument("--restart", action="store_true",
+                         help="uniter-db: start over instead of continuing an interrupted conversion into --out")
     convert.add_argument("--img-dir", help="original: folder of per-image .npz files")
     convert.add_argument("--txt", help="original: JSON-lines text table or LMDB txt_db folder (meta.json beside/in it)")
     convert.add_argument("--vocab", help="uniter-db, original: the tokenizer's vocab.txt; its hash is recorded and a "
@@ -225,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--conf-th", type=float, default=0.2)
     convert.add_argument("--min-regions", type=int, default=10)
     convert.add_argument("--max-regions", type=int, default=100)
-    convert.add_argument("--shard-mb", type=float, default=512)
+    convert.add_argument("--shard-mb", type=float, help="original, tsv: shard size (default 512)")
     convert.add_argument("--name", default="data")
     convert.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     convert.set_defaults(run=_data_convert)

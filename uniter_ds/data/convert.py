@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
+import hashlib
 import json
+import multiprocessing
 import re
 import shutil
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .format import DataError, Manifest, TokenizerInfo, positions_from_boxes, positions_from_norm_bb
-from .writer import DatasetWriter
+from .format import MANIFEST_NAME, DataError, Manifest, TokenizerInfo, positions_from_boxes, positions_from_norm_bb
+from .writer import DatasetWriter, PartWriter, manifest_from_parts
 
 
 @dataclass
@@ -176,6 +180,9 @@ def convert_original(
     return writer.manifest, report
 
 
+PARTS_DIR = ".convert-parts"  # a conversion in progress: its plan and one record per finished shard
+
+
 def convert_uniter_db(
     img_dbs: list[str | Path],
     txt_db: str | Path,
@@ -186,63 +193,192 @@ def convert_uniter_db(
     min_regions: int = 10,
     max_regions: int = 100,
     with_soft_labels: bool = True,
-    max_shard_bytes: int = 512 * 2**20,
+    images_per_shard: int = 1000,
     name: str = "data",
     on_error: str = "raise",
     workers: int = 1,
+    restart: bool = False,
     progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Manifest, ConversionReport]:
     """The released LMDB databases (one text database, the image databases its texts point into) ->
-    shards: one sample per image with all its texts, regions cut as the reference cuts them. ``workers``
-    processes read and decode; the shards are the same whatever their number."""
+    shards: one sample per image with all its texts, regions cut as the reference cuts them.
+
+    Shard ``k`` holds the images ``k * images_per_shard ...`` of the text database's image list, whoever
+    writes it: ``workers`` spawned processes each open the databases and write whole shards themselves
+    (memory is one sample per process, whatever the database's size), and the shards are the same
+    whatever their number. A finished shard is recorded in ``OUT/.convert-parts``; running the same
+    conversion again after an interruption writes only the shards that are missing (``restart`` starts
+    over). The manifest is written last."""
     from tqdm import tqdm
 
-    from .uniter_db import MissingImage, ReleasedDatabases, read_samples
+    from .uniter_db import ReleasedDatabases
 
+    if images_per_shard < 1:
+        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
+    out, txt_db = Path(out), Path(txt_db)
     img_dbs = list(dict.fromkeys(Path(d).resolve() for d in img_dbs))  # LMDB opens a database once per process
-    databases = ReleasedDatabases(img_dbs, Path(txt_db), conf_th=conf_th, min_regions=min_regions,
-                                  max_regions=max_regions)
+    options = {"conf_th": conf_th, "min_regions": min_regions, "max_regions": max_regions}
+    databases = ReleasedDatabases(img_dbs, txt_db, **options)
     try:
         tokenizer = databases.texts.tokenizer(Path(vocab_file) if vocab_file else None)
         by_image, several = databases.texts.texts_by_image()
-        report = ConversionReport()
-        if several:
-            report.problems.append(f"{txt_db}: {len(several)} texts name several images (e.g. {several[0]!r}, "
-                                   f"NLVR2-style), not image-text pairs: left out")
-        report.captions_without_image += len(several)
-        items = [(file_name, text_ids, with_soft_labels) for file_name, text_ids in by_image.items()]
-        source = {"converter": "uniter-db", "img_dbs": [str(d) for d in img_dbs], "txt_db": str(txt_db),
-                  "conf_th": conf_th, "regions": [min_regions, max_regions], "tokenizer": tokenizer.name}
-        with DatasetWriter(out, name=name, img_dim=None, img_label_dim="auto" if with_soft_labels else None,
-                           tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, overwrite=True,
-                           source=source) as writer:
-            samples = tqdm(read_samples(databases, items, workers), total=len(items), unit="img",
-                           disable=not progress, desc="converting")
-            for (file_name, text_ids, _), sample in zip(items, samples):
-                where = f"image {file_name!r} of {txt_db}"
-                if isinstance(sample, MissingImage):
-                    report.captions_without_image += len(text_ids)
-                    if on_error == "raise":
-                        raise sample
-                    report.problems.append(str(sample))
-                    continue
-                try:
-                    if isinstance(sample, DataError):
-                        raise sample
-                    writer.add(sample.pop("image_id"), sample.pop("feat"), sample.pop("pos"), sample.pop("captions"),
-                               **sample)
-                except DataError as error:
-                    report.bad_input(error, where, on_error)
-                    continue
-                report.images_written += 1
-                report.pairs_written += len(text_ids)
-            if not report.images_written:
-                raise DataError(f"{txt_db}: no image of its texts was found in {[str(d) for d in img_dbs]}")
+        items = list(by_image.items())
+        dims = _probe_dims(databases, items, with_soft_labels)
     finally:
         databases.close()
+    source = {"converter": "uniter-db", "img_dbs": [str(d) for d in img_dbs], "txt_db": str(txt_db),
+              "conf_th": conf_th, "regions": [min_regions, max_regions], "tokenizer": tokenizer.name}
+    parts = [items[i:i + images_per_shard] for i in range(0, len(items), images_per_shard)]
+    plan = {"source": source, "with_soft_labels": with_soft_labels, "images_per_shard": images_per_shard,
+            "name": name, "items": hashlib.sha256(json.dumps(items).encode()).hexdigest(),
+            "databases": {str(f): [f.stat().st_size, f.stat().st_mtime_ns]
+                          for folder in [*img_dbs, txt_db] for f in sorted(folder.glob("**/data.mdb"))}}
+    records = _finished_parts(out, plan, restart)
+    if records and log:
+        log(f"{out}: continuing an interrupted conversion, {len(records)} of {len(parts)} shards already written "
+            f"(--restart starts over)")
+    if on_error == "raise":
+        problem = next((p for r in records.values() for p in r["problems"]), None)
+        if problem:
+            raise DataError(f"{problem} (recorded by the interrupted run, which skipped it)")
+    writer_options = {"name": name, "tokenizer": tokenizer, **dims}
+    tasks = [(out, index, part, with_soft_labels, on_error, writer_options)
+             for index, part in enumerate(parts) if index not in records]
+    bar = tqdm(total=len(items), initial=sum(len(parts[i]) for i in records), unit="img", disable=not progress,
+               desc="converting")
+    if workers <= 1 or len(tasks) <= 1:
+        _open_databases(img_dbs, txt_db, options)
+        finished = map(_convert_part, tasks)
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_open_databases,
+                                                         initargs=(img_dbs, txt_db, options))
+        finished = pool.imap_unordered(_convert_part, tasks)
+    try:
+        for record in finished:
+            records[record["index"]] = record
+            bar.update(len(parts[record["index"]]))
+    finally:
+        bar.close()
+        if workers <= 1 or len(tasks) <= 1:
+            _close_databases()
+        else:
+            pool.terminate()  # after an error: stop the other parts at once (their shards stay unfinished)
+            pool.join()
+    report = ConversionReport(captions_without_image=len(several))
+    if several:
+        report.problems.append(f"{txt_db}: {len(several)} texts name several images (e.g. {several[0]!r}, "
+                               f"NLVR2-style), not image-text pairs: left out")
+    for index in sorted(records):
+        record = records[index]
+        for key in ("images_written", "pairs_written", "captions_without_image", "skipped_images"):
+            setattr(report, key, getattr(report, key) + record[key])
+        report.problems += record["problems"]
+    if not report.images_written:
+        raise DataError(f"{txt_db}: no image of its texts was found in {[str(d) for d in img_dbs]}")
+    manifest = manifest_from_parts(out, list(records.values()), name=name, tokenizer=tokenizer, source=source)
     if vocab_file is not None:
-        shutil.copy(vocab_file, Path(out) / "vocab.txt")
-    return writer.manifest, report
+        shutil.copy(vocab_file, out / "vocab.txt")
+    shutil.rmtree(out / PARTS_DIR)
+    return manifest, report
+
+
+def _probe_dims(databases: Any, items: list[tuple[str, list[str]]], with_soft_labels: bool) -> dict[str, Any]:
+    """Feature and soft-label widths from the first image that reads, so that every part writes the same."""
+    for file_name, _ in items[:100]:
+        for db in databases.images:
+            try:
+                dump = db.get(file_name)
+            except DataError:
+                break
+            if dump is not None:
+                labels = dump.get("soft_labels")
+                return {"img_dim": int(dump["features"].shape[1]),
+                        "img_label_dim": int(labels.shape[1]) if with_soft_labels and labels is not None else None}
+    # None read: let the parts meet (and name, or skip) each image's problem themselves.
+    return {"img_dim": None, "img_label_dim": "auto" if with_soft_labels else None}
+
+
+def _finished_parts(out: Path, plan: dict[str, Any], restart: bool) -> dict[int, dict[str, Any]]:
+    """The records of the shards an interrupted run of the same conversion finished (none with ``restart``
+    or another plan). Everything else in ``out`` that looks like a dataset is removed: no stale shard, no
+    manifest until this conversion writes its own."""
+    state = out / PARTS_DIR
+    records: dict[int, dict[str, Any]] = {}
+    same = (not restart and (state / "plan.json").exists()
+            and json.loads((state / "plan.json").read_text()) == json.loads(json.dumps(plan)))
+    if same:
+        for path in sorted(state.glob("part-*.json")):
+            record = json.loads(path.read_text())
+            shard = record["shard"]
+            shard_file = out / shard["name"] if shard else None
+            if shard_file is None or (shard_file.exists() and shard_file.stat().st_size == shard["bytes"]):
+                records[record["index"]] = record
+    else:
+        shutil.rmtree(state, ignore_errors=True)
+    keep = {r["shard"]["name"] for r in records.values() if r["shard"]}
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.tar"), *out.glob("*.tar.tmp"), out / MANIFEST_NAME]:
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
+    state.mkdir(exist_ok=True)
+    _write_atomically(state / "plan.json", json.dumps(plan, indent=1))
+    return records
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+_databases: Any = None  # this process's open databases (LMDB environments do not survive a fork or a pickle)
+
+
+def _open_databases(img_dbs: list[Path], txt_db: Path, options: dict[str, Any]) -> None:
+    global _databases
+    from .uniter_db import ReleasedDatabases
+
+    _databases = ReleasedDatabases(img_dbs, txt_db, **options)
+
+
+def _close_databases() -> None:
+    global _databases
+    if _databases is not None:
+        _databases.close()
+    _databases = None
+
+
+def _convert_part(task: tuple) -> dict[str, Any]:
+    """Write one shard from this process's databases; record it in ``OUT/.convert-parts`` once complete."""
+    from .uniter_db import MissingImage
+
+    out, index, items, with_soft_labels, on_error, writer_options = task
+    report = ConversionReport()
+    writer = PartWriter(out, index, **writer_options)
+    try:
+        for file_name, text_ids in items:
+            try:
+                sample = _databases.sample(file_name, text_ids, with_soft_labels)
+                writer.add(sample.pop("image_id"), sample.pop("feat"), sample.pop("pos"), sample.pop("captions"),
+                           **sample)
+            except MissingImage as error:
+                report.captions_without_image += len(text_ids)
+                if on_error == "raise":
+                    raise
+                report.problems.append(str(error))
+                continue
+            except DataError as error:
+                report.bad_input(error, f"image {file_name!r} of {_databases.txt_db}", on_error)
+                continue
+            report.images_written += 1
+            report.pairs_written += len(text_ids)
+    except BaseException:
+        writer.abort()
+        raise
+    record = writer.close() | dataclasses.asdict(report)
+    _write_atomically(Path(out) / PARTS_DIR / f"part-{index:06d}.json", json.dumps(record))
+    return record
 
 
 def tokenizer_info_from_hf(folder: str | Path):

@@ -117,8 +117,19 @@ class ImageDb:
     def read(self, name: str) -> dict[str, np.ndarray]:
         """The image's arrays as float32 (conf, soft labels included where stored), cut to its box count
         as the reference cuts them (the nbb json, else confidence > conf_th clipped to [min, max])."""
+        found = self.get(name)
+        if found is None:
+            raise DataError(f"{self.where}[{name}]: no such image in the database")
+        return found
+
+    def get(self, name: str) -> dict[str, np.ndarray] | None:
+        """:meth:`read`, or None when the database does not hold the image (one lookup)."""
+        with self.env.begin() as txn:
+            value = txn.get(name.encode())
+            if value is None:
+                return None
+            value = bytes(value)
         where = f"{self.where}[{name}]"
-        value = _get(self.env, name, f"{where}: no such image in the database")
         if value[:4] == _NPZ_MAGIC:
             with np.load(io.BytesIO(value), allow_pickle=False) as npz:
                 dump = {key: npz[key] for key in npz.files}
@@ -256,11 +267,13 @@ class ReleasedDatabases:
         """One image with its texts, as ``DatasetWriter.add`` takes it."""
         from .format import positions_from_norm_bb
 
-        holder = next((db for db in self.images if file_name in db), None)
-        if holder is None:
+        for holder in self.images:
+            dump = holder.get(file_name)
+            if dump is not None:
+                break
+        else:
             raise MissingImage(f"image {file_name!r} of {self.txt_db}: in none of the image databases "
                                f"{[db.where for db in self.images]}")
-        dump = holder.read(file_name)
         if with_soft_labels and "soft_labels" not in dump:
             raise DataError(f"{holder.where}[{file_name}]: no soft_labels (convert with --no-soft-labels to go "
                             f"without)")
@@ -277,41 +290,3 @@ class ReleasedDatabases:
         self.texts.close()
         for db in self.images:
             db.close()
-
-
-_worker_databases: ReleasedDatabases | None = None
-
-
-def _open_in_worker(img_dbs: list[Path], txt_db: Path, options: dict[str, Any]) -> None:
-    global _worker_databases
-    _worker_databases = ReleasedDatabases(img_dbs, txt_db, **options)
-
-
-def _sample_in_worker(item: tuple[str, list[str], bool]) -> dict[str, Any] | DataError:
-    try:
-        return _worker_databases.sample(*item)
-    except DataError as error:  # returned, not raised: the writer decides (raise, or skip and count)
-        return error
-
-
-def read_samples(databases: ReleasedDatabases, items: list[tuple[str, list[str], bool]], workers: int,
-                 window: int = 256) -> Iterator[dict[str, Any] | DataError]:
-    """Each item's sample (or its DataError), in the items' order. With ``workers`` > 1, spawned
-    processes read and decode (each opens the databases itself: LMDB does not survive a fork) in
-    windows of ``window`` items, so memory stays bounded however large the database."""
-    if workers <= 1:
-        for item in items:
-            try:
-                yield databases.sample(*item)
-            except DataError as error:
-                yield error
-        return
-    import multiprocessing
-
-    options = {"conf_th": databases.images[0].conf_th, "min_regions": databases.images[0].min_regions,
-               "max_regions": databases.images[0].max_regions}
-    paths = [Path(db.where) for db in databases.images]
-    with multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_open_in_worker, initargs=(paths, databases.txt_db, options)) as pool:
-        for start in range(0, len(items), window):
-            yield from pool.imap(_sample_in_worker, items[start:start + window], chunksize=8)

@@ -4,6 +4,7 @@ and no manifest, so nothing reads a half-made dataset."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -40,13 +41,15 @@ class DatasetWriter:
         img_pos_dim: int = 7,
         source: dict[str, Any] | None = None,
         overwrite: bool = False,
+        clear: bool = True,
     ):
         self.folder = Path(folder)
-        if (self.folder / MANIFEST_NAME).exists() and not overwrite:
-            raise FileExistsError(f"{self.folder} already holds a dataset ({MANIFEST_NAME}); pass overwrite")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.folder.glob("*.tar"), *self.folder.glob("*.tar.tmp"), self.folder / MANIFEST_NAME]:
-            stale.unlink(missing_ok=True)
+        if clear:
+            if (self.folder / MANIFEST_NAME).exists() and not overwrite:
+                raise FileExistsError(f"{self.folder} already holds a dataset ({MANIFEST_NAME}); pass overwrite")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in [*self.folder.glob("*.tar"), *self.folder.glob("*.tar.tmp"), self.folder / MANIFEST_NAME]:
+                stale.unlink(missing_ok=True)
         # img_dim None / img_label_dim "auto": taken from the first sample (converters learn them there).
         self.name, self.img_dim, self.img_label_dim = name, img_dim, img_label_dim
         self.img_pos_dim, self.tokenizer, self.source = img_pos_dim, tokenizer, source or {}
@@ -132,8 +135,7 @@ class DatasetWriter:
 
     def _write_sample(self, key: str, members: dict[str, bytes], num_pairs: int) -> None:
         if self._tar is None:
-            index = len(self.shards)
-            self._shard = ShardInfo(f"{self.name}-{index:06d}.tar", 0, 0, 0)
+            self._shard = ShardInfo(self._shard_name(len(self.shards)), 0, 0, 0)
             self._tmp_path = self.folder / (self._shard.name + ".tmp")
             self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (spans calls)
         for suffix, data in members.items():
@@ -144,6 +146,9 @@ class DatasetWriter:
         self._shard.pairs += num_pairs
         if self._tar.fileobj.tell() >= self.max_shard_bytes:
             self._finish_shard()
+
+    def _shard_name(self, index: int) -> str:
+        return f"{self.name}-{index:06d}.tar"
 
     def _finish_shard(self) -> None:
         assert self._tar is not None and self._tmp_path is not None
@@ -175,3 +180,44 @@ class DatasetWriter:
             assert self._tmp_path is not None
             self._tmp_path.unlink(missing_ok=True)
             self._tar, self._tmp_path = None, None
+
+
+class PartWriter(DatasetWriter):
+    """One shard, ``{name}-{index:06d}.tar``, of a dataset that several processes write at once, a part
+    each: nothing in the folder is cleared, and ``close`` returns the part's record (its shard and the
+    per-image counts the manifest summarises) instead of writing a manifest; ``manifest_from_parts``
+    joins the records. Same checks and bytes per sample as :class:`DatasetWriter`."""
+
+    def __init__(self, folder: str | Path, index: int, **options: Any):
+        super().__init__(folder, clear=False, max_shard_bytes=2**62, **options)
+        self.index = index
+
+    def _shard_name(self, index: int) -> str:
+        return f"{self.name}-{self.index:06d}.tar"
+
+    def close(self) -> dict[str, Any]:  # type: ignore[override]
+        if self._tar is not None:
+            self._finish_shard()
+        shard = dataclasses.asdict(self.shards[0]) if self.shards else None
+        return {"index": self.index, "shard": shard, "img_dim": self.img_dim, "img_label_dim": self.img_label_dim,
+                "regions": self._region_counts, "text_lengths": self._text_lengths}
+
+
+def manifest_from_parts(folder: str | Path, parts: Sequence[dict[str, Any]], *, name: str, img_pos_dim: int = 7,
+                        tokenizer: TokenizerInfo, source: dict[str, Any]) -> Manifest:
+    """The manifest of a dataset written as parts (in the parts' order; a part that wrote nothing has no
+    shard), saved last, as :meth:`DatasetWriter.close` saves it."""
+    written = [p for p in sorted(parts, key=lambda p: p["index"]) if p["shard"] is not None]
+    if not written:
+        raise DataError(f"{folder}: no samples were written")
+    dims = {(p["img_dim"], p["img_label_dim"]) for p in written}
+    if len(dims) > 1:
+        raise DataError(f"{folder}: the parts disagree on (feature dim, soft label dim): {sorted(dims, key=str)}")
+    (img_dim, img_label_dim), = dims
+    manifest = Manifest(
+        name=name, img_dim=img_dim, img_pos_dim=img_pos_dim, img_label_dim=img_label_dim, tokenizer=tokenizer,
+        shards=[ShardInfo(**p["shard"]) for p in written],
+        regions=summarize([n for p in written for n in p["regions"]]),
+        text_lengths=summarize([n for p in written for n in p["text_lengths"]]), source=source)
+    manifest.save(folder)
+    return manifest
