@@ -240,6 +240,9 @@ def test_training_reads_shards_by_url_as_from_local_files(tmp_path, shards, stra
         train = [{"name": "synth", "paths": [f"{base}/train/"], "tasks": {"itm": 3, "mlm": 4, "mrfr": 2, "mrc-kl": 2}}]
         _pretrain(_run_config(tmp_path, shards, "by-url", **{"data.train": train}))
     _compare_runs(straight_run, tmp_path / "by-url", range(1, 9))
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer_info.json"):  # the export fetched them
+        assert (tmp_path / "by-url" / "export" / "hf" / name).read_bytes() == \
+            (straight_run / "export" / "hf" / name).read_bytes()
 
 
 def test_two_simulated_nodes_agree_with_one_node(tmp_path, shards, straight_run):

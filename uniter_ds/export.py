@@ -146,51 +146,83 @@ def probe_batch(config: UniterConfig, seed: int = 0):
     return build_batch(ids, feats, pos)
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.txt")
+
+
+def _training_datasets(experiment: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Each training dataset's origin (its folder, or folder URL) and manifest, resolved as the ranks
+    resolved them (folders, globs, brace ranges, URLs); a dataset that is gone is left out."""
+    from .data import DataError, resolve_sources
+
+    found = []
+    for dataset in experiment.get("data", {}).get("train", []):
+        try:
+            shards = resolve_sources(dataset.get("paths", []))
+        except (DataError, OSError) as error:
+            logger.warning("export: training data %s not readable here (%s)", dataset.get("paths"), error)
+            continue
+        found.append((shards[0].origin, shards[0].manifest))
+    return found
+
+
+def _file_beside(origin: str, name: str) -> bytes | None:
+    """A file beside a dataset's shards (a local folder or a URL); None when there is none."""
+    from .data import DataError
+    from .data import sources as remote
+
+    local = remote.local_path(origin)
+    if local is not None:
+        return (local / name).read_bytes() if (local / name).is_file() else None
+    try:
+        return remote.read_bytes(origin.rstrip("/") + "/" + name)
+    except DataError:
+        return None
+
+
 def _export_tokenizer(experiment: dict[str, Any], out: Path) -> dict[str, Any] | None:
     """The training data's tokenizer as a Hugging Face tokenizer in ``out`` (``AutoTokenizer`` loads it):
     the tokenizer folder a conversion saved (``DATASET/tokenizer``), or a WordPiece tokenizer over the
-    dataset's ``vocab.txt`` with its casing. Checked against the ids the captions were written with.
-    Returns the manifest's tokenizer description, or None when the data carries no vocabulary."""
+    dataset's ``vocab.txt`` with its casing; local or remote datasets alike. Checked against the ids the
+    captions were written with. Returns the manifest's tokenizer description, or None when the data
+    is not readable here."""
+    import dataclasses
+    import tempfile
+
     from transformers import AutoTokenizer, BertTokenizer
 
-    from .data.format import TokenizerInfo
-
-    for dataset in experiment.get("data", {}).get("train", []):
-        for source in dataset.get("paths", []):
-            manifest = Path(source) / "manifest.json"
-            if not manifest.exists():
-                continue
-            raw = json.loads(manifest.read_text())["tokenizer"]
-            info = TokenizerInfo(**raw)
-            (out / "tokenizer_info.json").write_text(json.dumps(raw, indent=2) + "\n")
-            if (Path(source) / "tokenizer").is_dir():
-                tokenizer = AutoTokenizer.from_pretrained(str(Path(source) / "tokenizer"), local_files_only=True)
-            elif (Path(source) / "vocab.txt").exists():
-                words = (Path(source) / "vocab.txt").read_text().splitlines()
-                tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)},
-                                          do_lower_case=info.guess_lowercase(), unk_token="[UNK]")
-            else:
-                return raw | {"exported": False}
-            expected = {"cls": info.cls_id, "sep": info.sep_id, "mask": info.mask_id, "pad": info.pad_id}
-            got = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "mask": tokenizer.mask_token_id,
-                   "pad": tokenizer.pad_token_id}
-            if got != expected:
-                raise ExportError(f"{source}: the tokenizer's special token ids {got} differ from the ids the "
-                                  f"captions were written with {expected} (manifest.json)")
-            tokenizer.save_pretrained(str(out))
-            return raw | {"exported": True}
+    for origin, manifest in _training_datasets(experiment):
+        info = manifest.tokenizer
+        raw = json.loads(json.dumps(dataclasses.asdict(info)))
+        (out / "tokenizer_info.json").write_text(json.dumps(raw, indent=2) + "\n")
+        saved = {name: _file_beside(origin, f"tokenizer/{name}") for name in TOKENIZER_FILES}
+        vocab = _file_beside(origin, "vocab.txt")
+        if saved["tokenizer_config.json"] is not None:
+            with tempfile.TemporaryDirectory() as folder:
+                for name, data in saved.items():
+                    if data is not None:
+                        (Path(folder) / name).write_bytes(data)
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        elif vocab is not None:
+            words = vocab.decode().splitlines()
+            tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)},
+                                      do_lower_case=info.guess_lowercase(), unk_token="[UNK]")
+        else:
+            return raw | {"exported": False}
+        expected = {"cls": info.cls_id, "sep": info.sep_id, "mask": info.mask_id, "pad": info.pad_id}
+        got = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "mask": tokenizer.mask_token_id,
+               "pad": tokenizer.pad_token_id}
+        if got != expected:
+            raise ExportError(f"{origin}: the tokenizer's special token ids {got} differ from the ids the "
+                              f"captions were written with {expected} (manifest.json)")
+        tokenizer.save_pretrained(str(out))
+        return raw | {"exported": True}
     return None
 
 
 def _model_card(source: Source, heads: bool, dtype: str, tokenizer: dict[str, Any] | None) -> str:
     """README.md with Hugging Face model-card metadata (library, tags, datasets, held-out metrics)."""
     experiment, config = source.experiment, source.config
-    datasets = []
-    for dataset in experiment.get("data", {}).get("train", []):
-        for path in dataset.get("paths", []):
-            manifest = Path(path) / "manifest.json"
-            name = json.loads(manifest.read_text()).get("name") if manifest.exists() else None
-            datasets.append(name or dataset.get("name") or str(path))
+    datasets = [manifest.name for _, manifest in _training_datasets(experiment)]
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
                             "tags": ["uniter", "uniter-ds", "vision-language", "image-text", "custom_code"]}
     if datasets:
@@ -262,7 +294,10 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
             model.to(DTYPES[dtype]).save_pretrained(hf, max_shard_size=max_shard_bytes)
             model.float()
             tokenizer = _export_tokenizer(source.experiment, hf)
-            if tokenizer is None or not tokenizer["exported"]:
+            if tokenizer is None:
+                warnings.append("no tokenizer exported: the training data is not readable from here (its manifest "
+                                "names the tokenizer)")
+            elif not tokenizer["exported"]:
                 warnings.append("no tokenizer exported: the training data carries no vocabulary (convert with "
                                 "--vocab or --tokenizer to include one)")
             (hf / "README.md").write_text(_model_card(source, heads, dtype, tokenizer))

@@ -103,15 +103,18 @@ def _open_once(url: str, timeout_s: float) -> IO[bytes]:
     return webdataset.gopen(url, "rb")
 
 
-def read_text(url: str) -> str:
+def read_bytes(url: str) -> bytes:
     stream = open_stream(url)
     try:
-        data = stream.read()
+        return stream.read()
     except Exception as error:
         raise DataError(f"{url}: read failed ({error})") from error
     finally:
         close(stream, url)
-    return data.decode()
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode()
 
 
 class StreamError(DataError):
