@@ -143,3 +143,54 @@ def test_a_cache_directory_keeps_remote_shards_after_the_first_read(served, tmp_
         assert [im.key for im in again] == [im.key for im in first]
     finally:
         away.rename(root / "ds" / shards[0].name)
+
+
+def test_fsspec_urls_read_through_fsspec_as_s3_and_gs_do(served):
+    """s3:// and gs:// open through fsspec's filesystems (s3fs, gcsfs); its in-memory filesystem takes the
+    same path here, without a network."""
+    import fsspec  # a dependency of transformers' hub client
+    root, _ = served
+    memory = fsspec.filesystem("memory")
+    for path in (root / "ds").iterdir():
+        memory.pipe(f"/uniter-ds-test/ds/{path.name}", path.read_bytes())
+    try:
+        local, _ = _images(resolve_sources([root / "ds"]))
+        by_folder = resolve_sources(["memory://uniter-ds-test/ds/"])
+        assert [s.name for s in by_folder] == [s.name for s in resolve_sources([root / "ds"])]
+        read, _ = _images(by_folder)
+        assert [im.key for im in read] == [im.key for im in local]
+        assert all(np.array_equal(a.feat, b.feat) for a, b in zip(local, read))
+        with pytest.raises(DataError, match=r"memory://uniter-ds-test/nowhere/manifest.json"):
+            resolve_sources(["memory://uniter-ds-test/nowhere/"])
+    finally:
+        memory.rm("/uniter-ds-test", recursive=True)
+
+
+def test_a_remote_dataset_is_an_mlflow_input_with_its_manifest(served, tmp_path):
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    from uniter_ds.train.tracking import Tracker
+
+    root, base = served
+    tracker = Tracker(tmp_path, enabled=True, use_mlflow=True, experiment="remote-data", tracking_uri=None,
+                      run_name="remote")
+    synth_dataset(tmp_path / "val", images=4, seed=1, img_dim=16, img_label_dim=9, min_regions=3, max_regions=6,
+                  num_classes=8)
+    tracker.log_dataset(f"{base}/ds/", "train")
+    tracker.log_dataset(str(tmp_path / "val"), "validation")
+    tracker.finish()
+    client = MlflowClient(tracker.tracking_uri)
+    run = client.get_run(tracker.run_id)
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+              for i in run.inputs.dataset_inputs}
+    assert f"{base}/ds/" in inputs["train"].source and str(tmp_path / "val") in inputs["validation"].source
+    for context, folder in (("train", root / "ds"), ("validation", tmp_path / "val")):
+        manifest = folder / "manifest.json"
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+        assert inputs[context].digest == digest
+        logged = client.list_artifacts(run.info.run_id, f"data/{context}/synth-{digest}")
+        assert [Path(a.path).name for a in logged] == ["manifest.json"]
+        copy = tmp_path / "datasets" / context / f"synth-{digest}" / "manifest.json"
+        assert copy.read_bytes() == manifest.read_bytes()

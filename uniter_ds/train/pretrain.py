@@ -340,11 +340,9 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
                                         "kernels": json.dumps(active_kernels(model))})
     if rank == 0:
         tracker.set_tags(run_tags(device, world))
-        for dataset in config.data.train:
-            for path in dataset.paths:
-                tracker.log_dataset(Path(path), "train")
-        for path in config.data.val:
-            tracker.log_dataset(Path(path), "validation")
+        for context, paths in [*(("train", d.paths) for d in config.data.train), ("validation", config.data.val)]:
+            for origin in dict.fromkeys(shard.origin for shard in resolve_sources(paths)) if paths else []:
+                tracker.log_dataset(origin, context)
         tracker.log_artifacts(run_dir / "config.yaml", "config")
         tracker.log_artifacts(Path(config.deepspeed_config), "config")
 

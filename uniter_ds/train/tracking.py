@@ -123,15 +123,21 @@ class Tracker:
         if self.enabled:
             self._call("set_tags", {k: str(v) for k, v in tags.items()})
 
-    def log_dataset(self, folder: Path, context: str) -> None:
-        """A dataset folder as an MLflow input (digest of its manifest) and its manifest as an artifact."""
+    def log_dataset(self, origin: str, context: str) -> None:
+        """A dataset (its folder, or folder URL: a ``Shard.origin``) as an MLflow input (the digest of its
+        manifest) and its manifest as an artifact."""
         if not self.enabled or self.mlflow is None:
             return
-        manifest = folder / "manifest.json"
-        if not manifest.exists():  # a shard glob, not a dataset folder: nothing to describe it by
+        from ..data import sources
+
+        local = sources.local_path(origin)
+        try:
+            raw = ((local / "manifest.json").read_bytes() if local is not None
+                   else sources.read_bytes(sources.manifest_location(origin)))
+        except (OSError, ValueError) as error:  # read by the ranks a moment ago: say so, train on
+            logger.warning("dataset %s: its manifest cannot be read for MLflow (%s)", origin, error)
             return
-        raw = manifest.read_bytes()
-        name = json.loads(raw).get("name") or folder.name
+        name = json.loads(raw).get("name") or origin.rstrip("/").rpartition("/")[2]
         digest = hashlib.sha256(raw).hexdigest()[:16]
         try:
             from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -139,13 +145,17 @@ class Tracker:
 
             with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder either way
                 warnings.simplefilter("ignore")
-                source = resolve_dataset_source(str(folder.resolve()))
+                source = resolve_dataset_source(str(local.resolve()) if local is not None else origin)
             dataset = MetaDataset(source=source, name=name, digest=digest)
-        except Exception as error:  # noqa: BLE001 - an MLflow without dataset inputs: the artifact still says it
-            logger.warning("MLflow cannot describe dataset %s as an input (%r)", folder, error)
+        except Exception as error:  # noqa: BLE001 - no source type for this URL: the artifact still says it
+            logger.warning("MLflow cannot describe dataset %s as an input (%r)", origin, error)
         else:
             self._call("log_input", dataset, context=context)
-        self._call("log_artifact", str(manifest), f"data/{context}/{name}-{digest}")
+        # A copy in the run directory: the call may wait in the retry queue, and a URL has no local file.
+        copy = self.metrics_file.parent / "datasets" / context / f"{name}-{digest}" / "manifest.json"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(raw)
+        self._call("log_artifact", str(copy), f"data/{context}/{name}-{digest}")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
