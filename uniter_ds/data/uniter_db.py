@@ -19,6 +19,7 @@ is decoded here, so that package is not needed.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections import defaultdict
@@ -201,7 +202,11 @@ class TextDb:
                 raise DataError(f"{self.folder}: no {required} (a UNITER text database has meta.json, id2len.json, "
                                 f"txt2img.json and img2txts.json beside its data.mdb)")
         self.env = _open(self.folder)
-        self.txt2img: dict[str, Any] = json.loads((self.folder / "txt2img.json").read_text())
+
+    @functools.cached_property
+    def txt2img(self) -> dict[str, Any]:
+        """Loaded when asked for: a conversion worker reads texts by id and never needs it (VG: 5M ids)."""
+        return json.loads((self.folder / "txt2img.json").read_text())
 
     def tokenizer(self, vocab_file: Path | None = None) -> TokenizerInfo:
         return tokenizer_from_meta(self.folder / "meta.json", vocab_file)
