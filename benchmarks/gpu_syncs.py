@@ -42,7 +42,7 @@ def main() -> int:
     from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
     from uniter_ds.model import UniterConfig, UniterForPretraining
     from uniter_ds.train.distributed import init_distributed
-    from uniter_ds.train.pretrain import param_groups, train_step
+    from uniter_ds.train.pretrain import new_window, param_groups, train_step
     from uniter_ds.train.scheduler import Stream
 
     _, _, device = init_distributed()
@@ -62,7 +62,7 @@ def main() -> int:
         model = UniterForPretraining(config)
         ds_config, source = bench_deepspeed_config(BenchSettings(zero_stage=zero, precision=args.precision), on_gpu)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
-        window = {k: torch.zeros(len(names), dtype=torch.float64, device=device) for k in ("loss", "items", "correct")}
+        window = new_window(names, device)
         for task in args.tasks:  # warm-up: first-step allocations and lazy set-up are not the steady state
             train_step(engine, [data[task]], [Stream("s", task)], device, device, window, names)
         synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)

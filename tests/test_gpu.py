@@ -67,11 +67,11 @@ def run_steps(engine, data: list[tuple[str, UniterBatch]], device: torch.device,
               read_losses: bool = True) -> list[float]:
     """``steps`` training steps over ``data`` in turn; each step's loss (read on the host, so not
     with ``read_losses=False``, which leaves the step as training runs it)."""
-    from uniter_ds.train.pretrain import train_step
+    from uniter_ds.train.pretrain import new_window, train_step
     from uniter_ds.train.scheduler import Stream
 
     names = [f"test/{task}" for task in TASKS]
-    window = {k: torch.zeros(len(names), dtype=torch.float64, device=device) for k in ("loss", "items", "correct")}
+    window = new_window(names, device)
     losses = []
     for step in range(steps):
         task, batch = data[step % len(data)]

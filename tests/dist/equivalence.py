@@ -15,7 +15,14 @@ import torch.distributed as dist
 
 from tests.helpers import collate, random_sample
 from uniter_ds.train.config import load_config
-from uniter_ds.train.pretrain import build_model, deepspeed_config, param_groups, reduce_window, train_step
+from uniter_ds.train.pretrain import (
+    build_model,
+    deepspeed_config,
+    new_window,
+    param_groups,
+    reduce_window,
+    train_step,
+)
 from uniter_ds.train.scheduler import Stream
 
 GLOBAL_MICRO = 2
@@ -50,7 +57,7 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, config.optim.weight_decay),
                                       config=deepspeed_config(config, world, on_gpu=False))
     names = [f"eq/{t}" for t in sorted(set(TASKS))]
-    window = {k: torch.zeros(len(names), dtype=torch.float64) for k in ("loss", "items", "correct")}
+    window = new_window(names, torch.device("cpu"))
     losses = []
     for step, task in enumerate(TASKS):
         mine = batches_for(step, model.config)[rank * share:(rank + 1) * share]

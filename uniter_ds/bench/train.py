@@ -535,7 +535,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
     import deepspeed
 
     from ..model.kernels import attention_backend
-    from ..train.pretrain import param_groups, train_step
+    from ..train.pretrain import new_window, param_groups, train_step
     from ..train.scheduler import Stream
 
     rank, world, device = init_distributed()
@@ -555,8 +555,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
             model.uniter.encoder.compile_layers()
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
         names = [f"bench/{t}" for t in sorted(set(settings.tasks))]
-        window = {k: torch.zeros(len(names), dtype=torch.float64, device=device)
-                  for k in ("loss", "items", "correct")}
+        window = new_window(names, device)
         comm = device if on_gpu else torch.device("cpu")
         kernels = active_kernels(model) | {"sdpa_backend_requested": settings.sdpa_backend,
                                            "sdpa_backend_ran": ran, "torch.compile": str(settings.compile),

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..model.inputs import UniterBatch
 from .batching import TASKS, TaskTransform, budget_batches, collate
 from .format import DataError, Manifest, check_compatible
-from .reader import ReaderStats, pairs_of, read_shard, resolve_sources, shards_for_worker, shuffled
+from .reader import ERROR_KINDS, ReaderStats, pairs_of, read_shard, resolve_sources, shards_for_worker, shuffled
 
 
 @dataclass
@@ -85,17 +85,45 @@ class TaskStream(IterableDataset):
         stats = ReaderStats()
         shards = shards_for_worker(self.shards, mode=cfg.split, seed=cfg.seed, epoch=self.epoch,
                                    global_worker=global_worker, num_global_workers=self.world_size * num_workers)
-        images = itertools.chain.from_iterable(read_shard(s, stats, cfg.on_error, cfg.cache_dir) for s in shards)
+
+        def read(shards: Iterator) -> Iterator:
+            for visited, shard in enumerate(shards, 1):
+                yield from read_shard(shard, stats, cfg.on_error, cfg.cache_dir)
+                if not stats.images and visited >= 2 * len(self.shards):  # a resampled stream would spin forever
+                    raise DataError(f"{self.task} loader, worker {global_worker} of rank {self.rank}: not one "
+                                    f"usable image in {visited} shards ({stats.corrupt_shards} corrupt, "
+                                    f"{stats.skipped_images} samples skipped); last errors: {stats.last_errors}")
+
+        images = read(shards)
         tokenizer = self.manifest.tokenizer
         pairs = itertools.chain.from_iterable(pairs_of(im, tokenizer, cfg.max_text_len, stats) for im in images)
         transform = TaskTransform(self.task, tokenizer, np_rng, mask_prob=cfg.mask_prob,
                                   itm_neg_prob=cfg.itm_neg_prob, joint_masking=cfg.masking == "joint")
         samples = map(transform, shuffled(pairs, cfg.shuffle_buffer, rng))
-        for group in budget_batches(samples, cfg.token_budget, cfg.pool_budgets, np_rng):
-            batch = collate(group, self.task, cfg.pad_to_multiple_of)
+
+        def counted(batch: UniterBatch) -> UniterBatch:
             batch.meta["worker"] = global_worker
             batch.meta["reader"] = stats.as_dict() | {"itm_forced_positives": transform.forced_positives}
-            yield batch
+            return batch
+
+        # Each batch leaves with the counts of everything read before the next one was made, so the
+        # last one carries the worker's final counts (shards skipped after its last batch included).
+        held = None
+        for group in budget_batches(samples, cfg.token_budget, cfg.pool_budgets, np_rng):
+            if held is not None:
+                yield counted(held)
+            held = collate(group, self.task, cfg.pad_to_multiple_of)
+        if held is not None:
+            yield counted(held)
+        elif stats.skipped_images or stats.corrupt_shards:  # nothing else would carry these counts out
+            raise DataError(f"{self.task} loader, worker {global_worker} of rank {self.rank}: not one usable sample "
+                            f"in its shards ({stats.corrupt_shards} corrupt, {stats.lost_images} images lost, "
+                            f"{stats.skipped_images} samples skipped); last errors: {stats.last_errors}")
+
+
+# The reader's counts a training run reports (data/<name>), and its error kinds (data/errors/<kind>).
+ATTRITION = ("images", "pairs", "skipped_images", "corrupt_shards", "lost_images", "dropped_long_captions",
+             *(f"errors/{kind}" for kind in ERROR_KINDS))
 
 
 class LoaderStats:
@@ -126,7 +154,11 @@ class LoaderStats:
                 elif isinstance(value, int):
                     out[key] = out.get(key, 0) + value
         out["errors"] = errors
+        out |= {f"errors/{kind}": n for kind, n in errors.items()}
         return out
+
+    def last_errors(self) -> list[str]:
+        return [line for counts in self.per_worker.values() for line in counts.get("last_errors", [])]
 
 
 def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig, *, rank: int = 0,
@@ -149,4 +181,4 @@ def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig,
     )
 
 
-__all__ = ["DataError", "LoaderConfig", "LoaderStats", "TaskStream", "build_loader"]
+__all__ = ["ATTRITION", "DataError", "LoaderConfig", "LoaderStats", "TaskStream", "build_loader"]

@@ -73,25 +73,34 @@ class Pair:
         return len(self.input_ids) + len(self.image.feat)
 
 
+# What ``ReaderStats.errors`` counts: a bad sample (skipped), one with NaN/inf arrays (skipped), and the
+# ways a shard is lost whole or in part (cannot be opened/cached, size differs from the manifest, corrupt
+# or truncated tar, fewer images than the manifest lists).
+ERROR_KINDS = ("bad_sample", "nonfinite", "shard_open", "shard_size", "corrupt_shard", "image_count")
+
+
 @dataclass
 class ReaderStats:
     """Counts of everything read, skipped or dropped; nothing is dropped without a count here."""
 
     images: int = 0
     pairs: int = 0
-    skipped_images: int = 0
-    corrupt_shards: int = 0
+    skipped_images: int = 0  # bad samples, skipped one by one
+    corrupt_shards: int = 0  # shards missing, unreadable, truncated or holding fewer images than listed
+    lost_images: int = 0  # the images of those shards that were not read (the manifest's count minus those read)
     dropped_long_captions: int = 0
     errors: Counter = field(default_factory=Counter)
     last_errors: list[str] = field(default_factory=list)
 
     def record(self, error: DataError, kind: str) -> None:
+        assert kind in ERROR_KINDS, kind
         self.errors[kind] += 1
         self.last_errors = (self.last_errors + [str(error)])[-5:]
 
     def as_dict(self) -> dict:
         return {"images": self.images, "pairs": self.pairs, "skipped_images": self.skipped_images,
-                "corrupt_shards": self.corrupt_shards, "dropped_long_captions": self.dropped_long_captions,
+                "corrupt_shards": self.corrupt_shards, "lost_images": self.lost_images,
+                "dropped_long_captions": self.dropped_long_captions,
                 "errors": dict(self.errors), "last_errors": list(self.last_errors)}
 
 
@@ -175,6 +184,16 @@ def shards_for_worker(shards: list[Shard], *, mode: str, seed: int, epoch: int, 
         raise ValueError(f"split mode must be 'exact' or 'resampled', got {mode!r}")
 
 
+class NonFiniteSample(DataError):
+    """A sample whose arrays hold NaN or inf: one such image turns a whole step's loss into NaN."""
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    if array.dtype == np.float16:  # inf/NaN have every exponent bit set; ~10x faster than np.isfinite on fp16
+        return int((array.view(np.uint16) & 0x7FFF).max(initial=0)) < 0x7C00
+    return bool(np.isfinite(array).all())
+
+
 def _decode(key: str, members: dict[str, bytes], shard: Shard) -> ImageRecord:
     where = f"{shard.path}: sample {key!r}"
     missing = [m for m in REQUIRED_MEMBERS if m not in members]
@@ -186,6 +205,9 @@ def _decode(key: str, members: dict[str, bytes], shard: Shard) -> ImageRecord:
     except (ValueError, OSError) as error:
         raise DataError(f"{where}: cannot decode ({error})") from error
     manifest = shard.manifest
+    nonfinite = [name for name, array in arrays.items() if not _all_finite(array)]
+    if nonfinite:
+        raise NonFiniteSample(f"{where}: {', '.join(nonfinite)} hold NaN or inf")
     feat, pos, soft = arrays["feat"], arrays["pos"], arrays.get("soft")
     if feat.ndim != 2 or feat.shape[0] < 1 or feat.shape[1] != manifest.img_dim:
         raise DataError(f"{where}: feat has shape {feat.shape}, expected [N >= 1, {manifest.img_dim}]")
@@ -217,25 +239,27 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
             raise error
         stats.record(error, kind)
 
+    def lose(error: DataError, kind: str, read: int = 0) -> None:
+        stats.corrupt_shards += 1
+        stats.lost_images += max(0, shard.images - read)
+        fail(error, kind)
+
     if shard.is_remote and cache_dir:
         try:
             shard = dataclasses.replace(shard, path=remote.cached_copy(shard.path, shard.bytes, cache_dir))
         except (DataError, OSError, HTTPException) as error:
-            stats.corrupt_shards += 1
-            fail(DataError(f"{shard.path}: not cached ({error}); its {shard.images} images are not read"), "shard_open")
+            lose(DataError(f"{shard.path}: not cached ({error}); its {shard.images} images are not read"), "shard_open")
             return
     if shard.is_remote:
         try:
             stream = remote.open_stream(shard.path)
         except DataError as error:
-            stats.corrupt_shards += 1
-            fail(DataError(f"{error}; its {shard.images} images are not read"), "shard_open")
+            lose(DataError(f"{error}; its {shard.images} images are not read"), "shard_open")
             return
     else:
         size = shard.path.stat().st_size if shard.path.exists() else None
         if size != shard.bytes:
-            stats.corrupt_shards += 1
-            fail(DataError(f"{shard.path}: {f'{size} bytes' if size is not None else 'no file'} on disk, the "
+            lose(DataError(f"{shard.path}: {f'{size} bytes' if size is not None else 'no file'} on disk, the "
                            f"manifest says {shard.bytes} bytes (truncated, missing or replaced); its {shard.images} "
                            f"images are not read"), "shard_size")
             return
@@ -255,9 +279,8 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
             members[suffix] = data
         remote.close(stream, str(shard.path))
     except (TarFormatError, OSError, HTTPException, remote.StreamError) as error:
-        stats.corrupt_shards += 1
-        fail(DataError(f"{shard.path}: corrupt or truncated tar after {seen} of {shard.images} images "
-                       f"({error}); sample {key!r} and any after it are lost"), "corrupt_shard")
+        lose(DataError(f"{shard.path}: corrupt or truncated tar after {seen} of {shard.images} images "
+                       f"({error}); sample {key!r} and any after it are lost"), "corrupt_shard", seen)
         return
     finally:  # also when the consumer stops early or a sample's error propagates
         with contextlib.suppress(Exception):
@@ -268,8 +291,7 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
         if record is not None:
             yield record
     if seen != shard.images:
-        stats.corrupt_shards += 1
-        fail(DataError(f"{shard.path}: holds {seen} images, the manifest says {shard.images}"), "image_count")
+        lose(DataError(f"{shard.path}: holds {seen} images, the manifest says {shard.images}"), "image_count", seen)
 
 
 def _checked(key, members, shard, stats, fail) -> ImageRecord | None:
@@ -277,7 +299,7 @@ def _checked(key, members, shard, stats, fail) -> ImageRecord | None:
         record = _decode(key, members, shard)
     except DataError as error:
         stats.skipped_images += 1
-        fail(error, "bad_sample")
+        fail(error, "nonfinite" if isinstance(error, NonFiniteSample) else "bad_sample")
         return None
     stats.images += 1
     return record

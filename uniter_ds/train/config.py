@@ -62,6 +62,9 @@ class DataSection:
     # How a resumed run finds its place in the data: "replay" re-reads the batches already used
     # (exact, costs reading time); "reseed" starts fresh streams seeded with the step (no re-reading).
     resume: str = "replay"
+    # Stop when more than this share of the images read were skipped (bad samples) or lost (corrupt or
+    # truncated shards); judged from 1,000 images on and at the end. 0 stops at the first one under skip.
+    max_skip_fraction: float = 0.05
 
 
 @dataclass
@@ -162,6 +165,8 @@ class ExperimentConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise bad(key, f"must be >= 0, got {value}")
+        if not 0 <= self.data.max_skip_fraction <= 1:
+            raise bad("data.max_skip_fraction", f"a share in [0, 1], got {self.data.max_skip_fraction}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise bad("optim.betas", f"two numbers in [0, 1), got {self.optim.betas}")
         if self.checkpoint.keep_last < 1:

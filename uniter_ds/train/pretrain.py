@@ -27,7 +27,8 @@ import torch.distributed as dist
 import yaml
 from deepspeed.accelerator import get_accelerator
 
-from ..data import LoaderConfig, build_loader, check_compatible, resolve_sources
+from ..data import DataError, LoaderConfig, build_loader, check_compatible, resolve_sources
+from ..data.loader import ATTRITION, LoaderStats
 from ..model import (
     LoadReport,
     UniterConfig,
@@ -153,12 +154,15 @@ def num_items(batch: UniterBatch, task: str) -> int:
 
 
 class DataFeed:
-    """One loader per stream, with its place (epoch, batches used) for checkpoints.
+    """One loader per stream, with its place (epoch, batches used) and its reader counts for checkpoints.
 
     Resume ``replay``: the loaders are rebuilt with the same seeds and the used batches read again
     and dropped, so the run continues on exactly the batches it would have seen. ``reseed``: each
     stream continues with the next epoch's seed and nothing is re-read (for long runs, where replay
-    would take long; the data order then differs from an uninterrupted run)."""
+    would take long; the data order then differs from an uninterrupted run).
+
+    Counts (images read, skipped, lost in corrupt shards, ...) ride on the batches from the loader
+    workers; those of loaders already closed (earlier epochs) are kept in ``earlier``."""
 
     def __init__(self, config: ExperimentConfig, streams: list[Stream], rank: int, world_size: int,
                  state: dict[str, Any] | None = None):
@@ -172,7 +176,14 @@ class DataFeed:
         self.position = {s.name: {"epoch": 0, "batches": 0} for s in streams}
         self.streams = {s.name: s for s in streams}
         self.iterators: dict[str, Iterator[UniterBatch]] = {}
-        for name, where in (state or {}).items():
+        self.stats: dict[str, LoaderStats] = {}
+        self.earlier = dict.fromkeys(ATTRITION, 0)
+        self._reported: set[str] = set()
+        state = state or {}
+        positions = state.get("positions", state if "counts" not in state else {})  # older checkpoints: positions
+        counts = state.get("counts", {})
+        self.earlier |= counts.get("total" if data.resume == "reseed" else "earlier", {})
+        for name, where in positions.items():
             if name not in self.position:
                 continue  # a stream the new config no longer trains on
             if data.resume == "reseed":
@@ -181,9 +192,13 @@ class DataFeed:
                 self.position[name] = dict(where)
                 iterator = self._open(name)
                 for _ in range(where["batches"]):
-                    next(iterator)
+                    self.stats[name].update(next(iterator))
 
     def _open(self, name: str) -> Iterator[UniterBatch]:
+        if name in self.stats:  # an epoch's loader is done: keep its counts
+            totals = self.stats[name].totals()
+            self.earlier = {k: self.earlier[k] + totals.get(k, 0) for k in ATTRITION}
+        self.stats[name] = LoaderStats()
         stream = self.streams[name]
         loader = build_loader(self.paths[stream.dataset], stream.task, self.loader_config, rank=self.rank,
                               world_size=self.world_size, epoch=self.position[name]["epoch"])
@@ -199,10 +214,23 @@ class DataFeed:
             self.position[name] = {"epoch": self.position[name]["epoch"] + 1, "batches": 0}
             batch = next(self._open(name))
         self.position[name]["batches"] += 1
+        self.stats[name].update(batch)
         return batch
 
+    def counts(self) -> dict[str, int]:
+        """This rank's reader counts over the whole run so far."""
+        current = [stats.totals() for stats in self.stats.values()]
+        return {k: self.earlier[k] + sum(t.get(k, 0) for t in current) for k in ATTRITION}
+
+    def new_errors(self) -> list[str]:
+        """The reader errors (skipped samples, corrupt shards) not reported yet, as their messages."""
+        fresh = [line for stats in self.stats.values() for line in stats.last_errors() if line not in self._reported]
+        self._reported.update(fresh)
+        return fresh
+
     def state_dict(self) -> dict[str, Any]:
-        return {name: dict(where) for name, where in self.position.items()}
+        return {"positions": {name: dict(where) for name, where in self.position.items()},
+                "counts": {"earlier": dict(self.earlier), "total": self.counts()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +244,13 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def new_window(names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-stream sums between two log steps, on the device: item losses, items, correct predictions and
+    micro-batches whose loss was NaN or inf (``train_step`` adds, ``reduce_window`` reads and clears)."""
+    return {k: torch.zeros(len(names), dtype=torch.float64, device=device)
+            for k in ("loss", "items", "correct", "nonfinite")}
 
 
 def train_step(engine, batches: list[UniterBatch], streams: list[Stream], device: torch.device,
@@ -251,16 +286,58 @@ def train_step(engine, batches: list[UniterBatch], streams: list[Stream], device
         # Window sums stay on the device: nothing here waits for the host.
         window["loss"][index] += item_sum.detach().double()
         window["items"][index] += out.num_items
+        window["nonfinite"][index] += (~torch.isfinite(item_sum.detach())).double()
         if out.num_correct is not None:
             window["correct"][index] += out.num_correct.double()
 
 
+MIN_IMAGES_FOR_SKIP_CHECK = 1000  # below this, one bad shard read first is too large a share to judge by
+
+
+def data_metrics(feed: DataFeed, comm_device: torch.device) -> dict[str, float]:
+    """The run's reader counts over all ranks (``data/...``); each rank logs its own new reader errors."""
+    for line in feed.new_errors():
+        logger.warning("data: %s", line)
+    local = feed.counts()
+    counts = torch.tensor([local[k] for k in ATTRITION], dtype=torch.float64, device=comm_device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    totals = dict(zip(ATTRITION, counts.cpu().tolist()))
+    wanted = totals["images"] + totals["skipped_images"] + totals["lost_images"]
+    metrics = {f"data/{k}": v for k, v in totals.items()}
+    metrics["data/skip_fraction"] = (totals["skipped_images"] + totals["lost_images"]) / wanted if wanted else 0.0
+    return metrics
+
+
+def stop_on_faults(metrics: dict[str, float], config: ExperimentConfig, first: int, last: int, final: bool,
+                   checkpoint: Path | None) -> None:
+    """Stop the run (on every rank alike: the numbers are reduced over ranks) when a step's loss was NaN or
+    inf, or when more of the data was skipped or lost than ``data.max_skip_fraction`` allows."""
+    since = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+    if metrics["train/nonfinite_losses"]:
+        streams = [k.split("/")[1] + "/" + k.split("/")[2] for k in metrics if k.endswith("/nonfinite_losses")
+                   and k.count("/") == 3]
+        raise FloatingPointError(
+            f"non-finite loss in {metrics['train/nonfinite_losses']:.0f} micro-batch(es) of {streams} in steps "
+            f"{first}-{last} (rank*.jsonl lists each step's pairs); the weights may be NaN from there on, so "
+            f"the run stops: {since}. Reader-side NaN/inf features are skipped (data.on_error: skip) or named "
+            f"(raise) before they reach the model, so this comes from the model (learning rate, precision)")
+    wanted = metrics["data/images"] + metrics["data/skipped_images"] + metrics["data/lost_images"]
+    if metrics["data/skip_fraction"] > config.data.max_skip_fraction and (final or wanted >= MIN_IMAGES_FOR_SKIP_CHECK):
+        raise DataError(
+            f"data: {metrics['data/skipped_images']:.0f} images skipped and {metrics['data/lost_images']:.0f} lost "
+            f"in {metrics['data/corrupt_shards']:.0f} corrupt shard(s) of {wanted:.0f} = "
+            f"{metrics['data/skip_fraction']:.1%} by step {last}, over data.max_skip_fraction "
+            f"({config.data.max_skip_fraction:.1%}); the warnings above name them; {since}")
+
+
 def reduce_window(window: dict[str, torch.Tensor], names: list[str], comm_device: torch.device) -> dict[str, float]:
-    stacked = torch.stack([window["loss"], window["items"], window["correct"]]).to(comm_device)
+    stacked = torch.stack([window["loss"], window["items"], window["correct"], window["nonfinite"]]).to(comm_device)
     if dist.is_initialized():
         dist.all_reduce(stacked)
-    loss, items, correct = stacked.cpu().tolist()
-    metrics: dict[str, float] = {}
+    loss, items, correct, nonfinite = stacked.cpu().tolist()
+    metrics: dict[str, float] = {"train/nonfinite_losses": sum(nonfinite)}
+    metrics |= {f"train/{name}/nonfinite_losses": n for name, n in zip(names, nonfinite) if n}
     by_task: dict[str, list[float]] = {}
     for name, total, count, hits in zip(names, loss, items, correct):
         if count:
@@ -348,7 +425,8 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
 
     try:
         last_step = min(config.optim.total_steps, config.stop_at_step or config.optim.total_steps)
-        window = {k: torch.zeros(len(names), dtype=torch.float64, device=device) for k in ("loss", "items", "correct")}
+        window = new_window(names, device)
+        data_totals: dict[str, float] = {}
         progress = None
         if rank == 0 and config.tracking.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
@@ -356,6 +434,7 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
             progress = tqdm(total=last_step, initial=start_step, desc="pretrain", dynamic_ncols=True)
         rank_log = open(run_dir / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - open for the whole run
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        window_first_step = start_step + 1
         val_tasks = sorted({s.task for s in streams})
         checkpoint = None
         eval_metrics: dict[str, float] = {}
@@ -400,12 +479,18 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
                             "samples_per_s_per_rank": float(totals[0]) / elapsed / world}
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
+                data_totals = data_metrics(feed, comm_device)
+                metrics |= data_totals
+                if getattr(engine, "skipped_steps", 0):  # fp16: steps DeepSpeed's loss scaler skipped on overflow
+                    metrics["train/overflow_skipped_steps"] = float(engine.skipped_steps)
                 optimizer = engine.optimizer
                 loss_scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
                 if isinstance(loss_scale, (int, float)):
                     metrics["loss_scale"] = float(loss_scale)
                 tracker.log_metrics(metrics, done)
+                stop_on_faults(metrics, config, window_first_step, done, done == last_step, checkpoint)
                 window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                window_first_step = done + 1
                 if progress is not None:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
                 elif rank == 0:
@@ -443,7 +528,8 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
         raise
     result = {"run_dir": str(run_dir), "last_step": last_step, "eval": eval_metrics,
               "checkpoint": str(checkpoint) if checkpoint else None, "export": str(export) if export else None,
-              "mlflow": tracker.tracking_uri, "mlflow_run_id": tracker.run_id, "tracking": tracker.stats}
+              "mlflow": tracker.tracking_uri, "mlflow_run_id": tracker.run_id, "tracking": tracker.stats,
+              "data": {k.removeprefix("data/"): v for k, v in data_totals.items()}}
     if rank == 0:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -499,7 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, overrides)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run(config, args.resume)
+    try:
+        result = run(config, args.resume)
+    except (DataError, FloatingPointError) as error:  # a named fault: its message is the report, not a traceback
+        logger.error("rank %s stopped: %s", os.environ.get("RANK", "0"), error)
+        return 1
     if is_rank0():
         print(f"run directory: {result['run_dir']}")
         print(f"final checkpoint: {result['checkpoint']}")
@@ -508,6 +598,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(run {result['mlflow_run_id']})")
         if result["eval"]:
             print("held-out evaluation (chance in brackets): " + format_eval(result["eval"]))
+        if result["data"]:
+            data = result["data"]
+            print(f"data: {data['images']:.0f} images read; {data['skipped_images']:.0f} skipped, "
+                  f"{data['lost_images']:.0f} lost in {data['corrupt_shards']:.0f} corrupt shard(s) "
+                  f"({data['skip_fraction']:.2%}); {data['dropped_long_captions']:.0f} captions over "
+                  f"data.max_text_len dropped")
     return 0
 
 

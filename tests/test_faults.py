@@ -1,0 +1,111 @@
+"""Faults injected into real 2-rank jobs (the deepspeed launcher, CPU ranks): what a long pretraining run
+meets, and what it must do about it (issue 14). Data faults: a truncated shard, a shard whose tar header
+is damaged mid-file, an image whose features hold NaN."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uniter_ds.data import Manifest, synth_dataset
+
+from .launcher import ROOT, cpu_env, deepspeed_bin, free_port
+
+
+def _launch(config: dict, path: Path) -> subprocess.CompletedProcess:
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                           "uniter_ds.train.pretrain", "--config", str(path)],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+
+
+def _config(run_dir: Path, data: Path, **data_options) -> dict:
+    return {
+        "run_dir": str(run_dir), "seed": 3, "deepspeed_config": str(ROOT / "ds_configs" / "cpu.json"),
+        "model": {"preset": "tiny"},
+        "data": {"train": [{"name": "synth", "paths": [str(data)], "tasks": {"mlm": 1}}], "val": [],
+                 "token_budget": 600, "num_workers": 1, "split": "exact", "shuffle_buffer": 20, **data_options},
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "total_steps": 12},
+        "eval": {"every": 0, "at_end": False}, "checkpoint": {"every": 0, "at_end": False, "keep_last": 1},
+        "export_at_end": False, "tracking": {"mlflow": False, "log_every": 4},
+    }
+
+
+def _nan_into_features(shard: Path) -> str:
+    """Overwrite the first feature of the shard's second image with an fp16 NaN, in place (same size)."""
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".feat.npy")][1]
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data + 8)
+        header_len = int.from_bytes(f.read(2), "little")  # .npy v1: magic (6) + version (2) + length (2)
+        f.seek(member.offset_data + 10 + header_len)
+        f.write(b"\x00\x7e")  # 0x7E00, little-endian: NaN
+    return member.name.split(".")[0]
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("faults")
+    synth_dataset(root / "data", images=240, seed=0, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
+                  max_shard_bytes=60_000)
+    shards = Manifest.load(root / "data").shards
+    assert len(shards) >= 6
+    truncated, header, nan = (root / "data" / s.name for s in shards[1:4])
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 3])
+    with open(header, "r+b") as f:  # a 512-byte tar header in the middle, overwritten
+        f.seek((header.stat().st_size // 2) // 512 * 512)
+        f.write(b"\xff" * 512)
+    key = _nan_into_features(nan)
+    return root, {"truncated": truncated.name, "truncated_images": shards[1].images, "header": header.name,
+                  "nan": nan.name, "nan_key": key}
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+
+
+def test_data_faults_are_skipped_counted_and_reported(damaged):
+    root, faults = damaged
+    done = _launch(_config(root / "skip", root / "data", on_error="skip", max_skip_fraction=0.9), root / "skip.yaml")
+    assert done.returncode == 0, done.stderr[-4000:]
+    final = _last_metrics(root / "skip")
+    # Every fault counted by kind, over both ranks, in metrics.jsonl (and MLflow: the same call logs both).
+    assert final["data/errors/shard_size"] >= 1 and final["data/errors/corrupt_shard"] >= 1
+    assert final["data/errors/nonfinite"] >= 1 and final["data/skipped_images"] >= 1
+    assert final["data/corrupt_shards"] >= 2 and final["data/lost_images"] > faults["truncated_images"]
+    assert 0 < final["data/skip_fraction"] < 0.9
+    # No NaN reached the model: every step's loss is finite, and none was counted non-finite.
+    rows = [json.loads(line) for line in (root / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["loss"] == row["loss"] for row in rows) and not any(row["train/nonfinite_losses"] for row in rows)
+    # Each fault named in the log (the rank that met it), and the run's summary at the end.
+    log = done.stdout + done.stderr
+    assert faults["truncated"] in log and faults["header"] in log and faults["nan_key"] in log
+    assert "hold NaN or inf" in log
+    summary = json.loads((root / "skip" / "result.json").read_text())["data"]
+    assert summary["corrupt_shards"] == final["data/corrupt_shards"]
+    assert f"data: {summary['images']:.0f} images read; {summary['skipped_images']:.0f} skipped" in done.stdout
+
+
+def test_too_much_data_lost_stops_the_run_with_the_counts_and_no_traceback(damaged):
+    root, faults = damaged
+    done = _launch(_config(root / "strict", root / "data", on_error="skip", max_skip_fraction=0.01),
+                   root / "strict.yaml")
+    assert done.returncode != 0
+    log = done.stdout + done.stderr
+    assert "over data.max_skip_fraction (1.0%)" in log and "no checkpoint was saved yet" in log
+    assert "Traceback" not in log
+    shutil.rmtree(root / "strict")
+
+
+def test_on_error_raise_names_the_shard(damaged):
+    root, faults = damaged
+    done = _launch(_config(root / "raise", root / "data"), root / "raise.yaml")
+    assert done.returncode != 0
+    log = done.stdout + done.stderr
+    assert any(faults[k] in log for k in ("truncated", "header", "nan")) and "DataError" in log
