@@ -1,6 +1,6 @@
 """Faults injected into real 2-rank jobs (the deepspeed launcher, CPU ranks): what a long pretraining run
 meets, and what it must do about it (issue 14). Data faults: a truncated shard, a shard whose tar header
-is damaged mid-file, an image whose features hold NaN."""
+is damaged mid-file, an image whose features hold NaN; a model whose loss turns NaN."""
 
 from __future__ import annotations
 
@@ -109,3 +109,18 @@ def test_on_error_raise_names_the_shard(damaged):
     assert done.returncode != 0
     log = done.stdout + done.stderr
     assert any(faults[k] in log for k in ("truncated", "header", "nan")) and "DataError" in log
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_the_steps(tmp_path):
+    clean = tmp_path / "clean"
+    synth_dataset(clean, images=60, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
+                  max_shard_bytes=60_000)
+    config = _config(tmp_path / "diverges", clean)
+    config["optim"] |= {"lr": 1e12, "warmup_steps": 0}  # diverges within a few steps
+    config["optim"]["grad_clip"] = 0.0
+    done = _launch(config, tmp_path / "diverges.yaml")
+    assert done.returncode != 0
+    log = done.stdout + done.stderr
+    assert "non-finite loss in" in log and "in steps " in log and "Traceback" not in log
+    rows = [json.loads(line) for line in (tmp_path / "diverges" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train/nonfinite_losses"] > 0 and rows[-1]["step"] < 12  # stopped at the first log step after
