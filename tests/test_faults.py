@@ -124,3 +124,143 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_steps(tmp_path):
     assert "non-finite loss in" in log and "in steps " in log and "Traceback" not in log
     rows = [json.loads(line) for line in (tmp_path / "diverges" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train/nonfinite_losses"] > 0 and rows[-1]["step"] < 12  # stopped at the first log step after
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+    return found
+
+
+def _rank_pid(runner: int, rank: int) -> int | None:
+    for pid in _descendants(runner):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"uniter_ds.train.pretrain" in cmdline and f"RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
+def test_a_killed_rank_takes_its_loader_workers_and_helpers_down(tmp_path):
+    import os
+    import signal
+    import time
+
+    synth_dataset(tmp_path / "data", images=120, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
+                  max_shard_bytes=60_000)
+    config = _config(tmp_path / "run", tmp_path / "data", num_workers=2, split="resampled")
+    config["optim"]["total_steps"] = 5000
+    config["tracking"]["log_every"] = 1
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    runner = subprocess.Popen([deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                               "uniter_ds.train.pretrain", "--config", str(tmp_path / "run.yaml")],
+                              cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert runner.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.5)
+        rank1 = _rank_pid(runner.pid, 1)
+        helpers = _descendants(rank1)  # its fork server, resource tracker and loader workers
+        assert len(helpers) >= 3, helpers
+        everything = _descendants(runner.pid)
+        os.kill(rank1, signal.SIGKILL)
+        assert runner.wait(timeout=60) != 0
+        deadline = time.monotonic() + 20
+        while any(map(_alive, everything)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        survivors = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:150]
+                     for pid in everything if _alive(pid)}
+        assert not survivors, f"processes outlived the job: {survivors}; rank 1's were {sorted(helpers)}"
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+
+
+def test_a_run_directory_holds_one_live_job(tmp_path):
+    import os
+    import signal
+    import sys
+
+    synth_dataset(tmp_path / "data", images=60, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
+                  max_shard_bytes=60_000)
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from uniter_ds.run_layout import lock_run_directory; "
+                               "lock = lock_run_directory(Path(sys.argv[1])); print('locked', flush=True); "
+                               "time.sleep(600)", str(tmp_path / "run")],
+                              cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        config = _config(tmp_path / "run", tmp_path / "data")
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+        cli = [sys.executable, "-m", "uniter_ds.cli", "pretrain", "--config", str(tmp_path / "run.yaml"), "--dry-run"]
+        refused = subprocess.run(cli, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and f"pid {holder.pid} on" in refused.stderr, refused.stderr[-2000:]
+        assert "is in use by a live job" in refused.stderr and "Traceback" not in refused.stderr
+        # The ranks check too (a job started by the deepspeed launcher directly), all of them stopping.
+        ranks = _launch(config, tmp_path / "run.yaml")
+        assert ranks.returncode != 0 and "is in use by a live job" in ranks.stdout + ranks.stderr
+        assert "Traceback" not in ranks.stdout + ranks.stderr
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+        os.kill(holder.pid, signal.SIGKILL)  # a holder that dies releases the lock, however it dies
+        holder.wait()
+        allowed = subprocess.run(cli, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+        assert allowed.returncode == 0, allowed.stderr[-2000:]
+    finally:
+        holder.kill()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
+def test_when_the_runner_is_killed_uniter_ds_waits_for_the_ranks_and_says_so(tmp_path):
+    import os
+    import signal
+    import sys
+    import time
+
+    synth_dataset(tmp_path / "data", images=60, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
+                  max_shard_bytes=60_000)
+    config = _config(tmp_path / "run", tmp_path / "data")
+    config["optim"]["total_steps"] = 60
+    config["tracking"]["log_every"] = 1
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    cli = subprocess.Popen([sys.executable, "-m", "uniter_ds.cli", "pretrain", "--config", str(tmp_path / "run.yaml")],
+                           cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert cli.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.5)
+        runner = next(pid for pid in _descendants(cli.pid)
+                      if b"deepspeed" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1])
+        ranks = [_rank_pid(cli.pid, r) for r in (0, 1)]
+        os.kill(runner, signal.SIGKILL)
+        stderr = cli.communicate(timeout=300)[1]
+        assert cli.returncode != 0
+        assert "while the job's ranks still run" in stderr and "waiting for them to end" in stderr
+        assert not any(_alive(pid) for pid in ranks)  # it returned only once they were gone
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)

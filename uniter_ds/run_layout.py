@@ -48,3 +48,56 @@ def find_resume_point(path: Path) -> Path | None:
             return candidate
     complete = complete_checkpoints(path)
     return complete[-1] if complete else None
+
+
+# ---------------------------------------------------------------------------------------------
+# One live job per run directory
+# ---------------------------------------------------------------------------------------------
+
+LOCK = ".lock"
+
+
+class RunDirectoryBusy(RuntimeError):
+    """A live job holds the run directory: a second one would write the same checkpoints and metrics."""
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds ``run_dir``'s lock ("pid N on HOST since TIME") while a live process holds it; None when
+    it is free. The lock is an flock: the kernel releases it when its holder dies, however it dies."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK
+    if not path.exists():
+        return None
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return f.read().strip() or "a process that wrote nothing"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def lock_run_directory(run_dir: Path):  # -> an open file: the lock lives as long as it stays open
+    """Take ``run_dir``'s lock for this process's lifetime, or raise :class:`RunDirectoryBusy` naming the
+    holder."""
+    import fcntl
+    import os
+    import socket
+    import time
+
+    f = open(Path(run_dir) / LOCK, "a+")  # noqa: SIM115 -- held open until the process ends
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise RunDirectoryBusy(f"{run_dir} is in use by a live job ({holder}): wait for it to end, stop it, or give "
+                               f"this job another run_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f

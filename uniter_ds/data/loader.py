@@ -161,6 +161,18 @@ class LoaderStats:
         return [line for counts in self.per_worker.values() for line in counts.get("last_errors", [])]
 
 
+def die_with_parent(_worker_id: int = 0) -> None:
+    """Linux: this process gets SIGKILL when its parent dies. A loader worker's parent is the fork server,
+    whose own parent is the rank (forkserver_preload.py): nothing outlives a rank killed with -9."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig, *, rank: int = 0,
                  world_size: int = 1, epoch: int = 0) -> DataLoader:
     dataset = TaskStream(sources, task, config, rank=rank, world_size=world_size, epoch=epoch)
@@ -172,12 +184,12 @@ def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig,
         # Workers come from a fork server, not from forking the training process: that process runs
         # threads (gloo, NCCL, MLflow) by the time a loader opens, and a fork taken while one of them
         # holds a lock deadlocks the child (seen here: a worker stuck inside fork, the job hung).
-        multiprocessing.set_forkserver_preload(["uniter_ds.data.loader"])
+        multiprocessing.set_forkserver_preload(["uniter_ds.data.loader", "uniter_ds.data.forkserver_preload"])
         context = multiprocessing.get_context("forkserver")
     return DataLoader(
         dataset, batch_size=None, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None, generator=generator,
-        multiprocessing_context=context,
+        multiprocessing_context=context, worker_init_fn=die_with_parent if config.num_workers > 0 else None,
     )
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .config import load_config
@@ -93,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
     if args.resume not in (None, "latest") and not Path(args.resume).exists():
         raise ValueError(f"--resume {args.resume}: does not exist (a checkpoint folder, or a run's checkpoints "
                          f"folder; --resume alone continues the run directory's latest)")
+    from ..run_layout import lock_holder
+
+    run_dir = Path(config.run_dir)
+    holder = lock_holder(run_dir)
+    if holder:
+        raise ValueError(f"config key 'run_dir': {run_dir} is in use by a live job ({holder}); wait for it to end, "
+                         f"stop it, or give this job another run_dir")
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -103,4 +111,13 @@ def run(args: argparse.Namespace) -> int:
     print(" ".join(command), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(command, env=env)
+    code = subprocess.call(command, env=env)
+    if code != 0 and lock_holder(run_dir):
+        # The runner died (e.g. killed) while its ranks live on: say so, and return only when they are
+        # gone, so that a resume started right after this command cannot run beside them.
+        print(f"uniter-ds: the deepspeed runner ended ({code}) while the job's ranks still run "
+              f"({lock_holder(run_dir)}); waiting for them to end (stop them to stop waiting)", file=sys.stderr,
+              flush=True)
+        while lock_holder(run_dir):
+            time.sleep(2)
+    return code

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import yaml
 from deepspeed.accelerator import get_accelerator
 
+from .. import run_layout
 from ..data import DataError, LoaderConfig, build_loader, check_compatible, resolve_sources
 from ..data.loader import ATTRITION, LoaderStats
 from ..model import (
@@ -366,9 +367,19 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
     comm_device = device if get_accelerator().communication_backend_name() == "nccl" else torch.device("cpu")
     run_dir = Path(config.run_dir)
+    busy = [None]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        try:
+            run_lock = run_layout.lock_run_directory(run_dir)  # noqa: F841 -- held until this process ends
+        except run_layout.RunDirectoryBusy as error:
+            busy = [str(error)]
+        else:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if dist.is_initialized() and world > 1:
+        dist.broadcast_object_list(busy, src=0)
+    if busy[0]:  # every rank stops alike
+        raise run_layout.RunDirectoryBusy(busy[0])
     dist.barrier()
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -587,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         result = run(config, args.resume)
-    except (DataError, FloatingPointError) as error:  # a named fault: its message is the report, not a traceback
+    except (DataError, FloatingPointError, run_layout.RunDirectoryBusy) as error:  # named: no traceback needed
         logger.error("rank %s stopped: %s", os.environ.get("RANK", "0"), error)
         return 1
     if is_rank0():
