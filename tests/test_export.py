@@ -108,11 +108,15 @@ def test_corrupt_or_incomplete_checkpoint_fails_cleanly(checkpoints, tmp_path):
     tag = next((broken / "checkpoints").glob("step*"))
     shard = next(tag.glob("zero_pp_rank_1_*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(ExportError, match="cannot consolidate the ZeRO-2 checkpoint"):
+    with pytest.raises(ExportError, match=rf"{tag.name}: {shard} is 1000 bytes, \d+ when it was saved"):
+        export(broken, tmp_path / "out")  # complete.json's file sizes name the damage
+    marker = json.loads((tag / "complete.json").read_text())
+    (tag / "complete.json").write_text(json.dumps({k: v for k, v in marker.items() if k != "files"}))
+    with pytest.raises(ExportError, match="cannot consolidate the ZeRO-2 checkpoint"):  # unverifiable: still named
         export(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
     (tag / "complete.json").unlink()
-    with pytest.raises(ExportError, match="no complete checkpoint"):
+    with pytest.raises(ExportError, match=r"no complete, undamaged checkpoint .*: step0+4: incomplete"):
         export(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -264,3 +264,37 @@ def test_when_the_runner_is_killed_uniter_ds_waits_for_the_ranks_and_says_so(tmp
     finally:
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
+
+
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_taken(tmp_path):
+    import sys
+
+    synth_dataset(tmp_path / "data", images=60, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
+                  max_shard_bytes=60_000)
+    config = _config(tmp_path / "run", tmp_path / "data", split="resampled")
+    config["checkpoint"] = {"every": 4, "at_end": True, "keep_last": 3}
+    config["tracking"]["log_every"] = 1
+    done = _launch(config, tmp_path / "run.yaml")
+    assert done.returncode == 0, done.stderr[-3000:]
+    straight = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    model_file = tmp_path / "run" / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # marked complete, then cut short
+
+    export = subprocess.run([sys.executable, "-m", "uniter_ds.cli", "export", str(tmp_path / "run"), "--out",
+                             str(tmp_path / "export")], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert "exported step 8" in export.stdout
+    assert f"not the newest checkpoint: step00000012: {model_file} is 1000 bytes" in export.stderr
+
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    resumed = subprocess.run([deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                              "uniter_ds.train.pretrain", "--config", str(tmp_path / "run.yaml"), "--resume"],
+                             cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert f"step00000012 is damaged ({model_file} is 1000 bytes" in log and "at step 8" in log
+    again = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in again] == [9, 10, 11, 12]
+    for row in again:  # continued exactly where the intact checkpoint left off
+        assert row["loss"] == pytest.approx(straight[row["step"] - 1]["loss"], rel=1e-5)

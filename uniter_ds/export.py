@@ -30,7 +30,7 @@ from .model import (
 )
 from .model.config import UNITER_FIELDS
 from .model.modeling import tied_parameter_names
-from .run_layout import find_resume_point
+from .run_layout import find_resume_point, passed_over
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Source:
     experiment: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     origin: str = ""
+    passed_over: list[str] = field(default_factory=list)  # newer checkpoints not taken, and why
 
 
 def _experiment_model_config(experiment: dict[str, Any]) -> UniterConfig:
@@ -64,9 +65,14 @@ def read_deepspeed_checkpoint(path: Path) -> Source:
     """A run directory, its ``checkpoints`` folder, or one checkpoint (tag) folder."""
     if (path / "checkpoints").is_dir():  # a run directory
         path = path / "checkpoints"
-    folder = find_resume_point(path)
+    try:
+        folder = find_resume_point(path)
+    except FileNotFoundError as error:  # a tag folder given, incomplete or damaged
+        raise ExportError(str(error)) from None
     if folder is None:
-        raise ExportError(f"{path}: no complete checkpoint found (a checkpoint folder has complete.json)")
+        reasons = passed_over(path, None)
+        raise ExportError(f"{path}: no complete, undamaged checkpoint found (a checkpoint folder has complete.json)"
+                          + (f": {'; '.join(reasons)}" if reasons else ""))
     model_files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
     if not model_files:
         raise ExportError(f"{folder}: no mp_rank_00_model_states.pt: not a DeepSpeed checkpoint, or an incomplete one")
@@ -92,7 +98,7 @@ def read_deepspeed_checkpoint(path: Path) -> Source:
     result_file = folder.parent.parent / "result.json"
     eval_metrics = json.loads(result_file.read_text()).get("eval", {}) if result_file.exists() else {}
     return Source(state, _experiment_model_config(experiment), meta.get("step"), experiment, eval_metrics,
-                  str(folder))
+                  str(folder), passed_over(folder.parent, folder))
 
 
 def read_state_dict_file(path: Path, config_file: Path | None) -> Source:
@@ -283,7 +289,7 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    warnings: list[str] = []
+    warnings: list[str] = [f"not the newest checkpoint: {reason}" for reason in source.passed_over]
     try:
         batch = probe_batch(source.config)
         reference = _outputs(model, batch)

@@ -21,7 +21,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..run_layout import MARKER, complete_checkpoints, find_resume_point, is_complete, step_of, tag_for
+from ..run_layout import (
+    MARKER,
+    complete_checkpoints,
+    file_sizes,
+    find_resume_point,
+    is_complete,
+    step_of,
+    tag_for,
+)
 
 __all__ = ["MARKER", "complete_checkpoints", "find_resume_point", "is_complete", "load", "rng_state", "save",
            "set_rng_state", "tag_for"]
@@ -72,8 +80,9 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last:
     torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
+        # The files and their sizes, once every rank has written: resume and export check them.
         _write_atomic(folder / MARKER, json.dumps({"step": step, "world_size": dist.get_world_size()
-                                                   if dist.is_initialized() else 1}))
+                                                   if dist.is_initialized() else 1, "files": file_sizes(folder)}))
         _write_atomic(root / "latest", tag)
         for old in _oldest_first(complete_checkpoints(root), folder, step)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
