@@ -37,6 +37,10 @@ setup() {
         fi
     fi
     quiet_pip install -e ".[test]"
+    # DeepSpeed's JIT-compiled ops, built now into this environment's folder (uniter_ds/train/extensions.py):
+    # no job compiles at start, and one killed mid-build cannot leave a lock that hangs the next.
+    export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$venv/torch-extensions}"
+    "$venv/bin/uniter-ds" prebuild
 }
 
 cmd="${1:-test}"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from uniter_ds.train.extensions import extensions_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,7 @@ def cpu_env() -> dict[str, str]:
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))  # the environment's own, as uniter-ds pretrain
     return env
 
 

@@ -298,3 +298,31 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_taken(tmp_path):
     assert [row["step"] for row in again] == [9, 10, 11, 12]
     for row in again:  # continued exactly where the intact checkpoint left off
         assert row["loss"] == pytest.approx(straight[row["step"] - 1]["loss"], rel=1e-5)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_named_before_any_rank_starts(tmp_path):
+    import os
+    import sys
+
+    synth_dataset(tmp_path / "data", images=30, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
+                  max_shard_bytes=60_000)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(_config(tmp_path / "run", tmp_path / "data")))
+    extensions = tmp_path / "extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()  # what a build killed midway leaves: a lock no live process holds
+    env = cpu_env() | {"TORCH_EXTENSIONS_DIR": str(extensions)}
+    cli = [sys.executable, "-m", "uniter_ds.cli", "pretrain", "--config", str(tmp_path / "run.yaml"), "--dry-run"]
+    refused = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and f"Clear it with: rm {lock}" in refused.stderr, refused.stderr[-2000:]
+    # A build in progress holds its lock open: that one is not stale, and the job may wait for it.
+    builder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                                "print('holding', flush=True); time.sleep(600)", str(lock)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "holding"
+        allowed = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert allowed.returncode == 0, allowed.stderr[-2000:]
+    finally:
+        builder.kill()
+    os.remove(lock)

@@ -115,6 +115,20 @@ def _pretrain(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _prebuild(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train.extensions import extensions_dir, prebuild
+
+    try:
+        built = prebuild(on_gpu=torch.cuda.is_available())
+    except RuntimeError as error:
+        print(f"uniter-ds prebuild: error: {error}", file=sys.stderr)
+        return 2
+    print(f"built {', '.join(built) or 'nothing (no op to build here)'} in {extensions_dir()}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from .export import export
 
@@ -252,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "launcher on the pretraining entry point")
     pretrain_arguments(pretrain)
     pretrain.set_defaults(run=_pretrain)
+
+    prebuild = commands.add_parser("prebuild", help="build DeepSpeed's JIT-compiled ops now, into this "
+                                   "environment's extensions folder, so that no job compiles them at start")
+    prebuild.set_defaults(run=_prebuild)
 
     exporter = commands.add_parser("export", help="trained weights -> a Hugging Face-style folder and/or the "
                                                   "original UNITER layout, verified by reloading")

@@ -101,10 +101,16 @@ def run(args: argparse.Namespace) -> int:
     if holder:
         raise ValueError(f"config key 'run_dir': {run_dir} is in use by a live job ({holder}); wait for it to end, "
                          f"stop it, or give this job another run_dir")
+    from .extensions import extensions_dir, stale_locks, stale_message
+
+    stale = stale_locks()
+    if stale:
+        raise ValueError(stale_message(stale))
     import torch
 
     on_gpu = torch.cuda.is_available()
     env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))  # this environment's builds, not a shared folder
     if not on_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
     command = launcher_command(args, on_gpu)

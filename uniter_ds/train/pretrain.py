@@ -104,7 +104,7 @@ def optimizer_config(lr: float, betas: list[float], eps: float, weight_decay: fl
     instead of ~8 elementwise ops, and nothing to compile at start. ``deepspeed``: DeepSpeed's
     FusedAdam, a CUDA extension that nvcc builds the first time a process needs it (about a minute,
     and a process killed during that build leaves a lock behind that makes every later one wait;
-    ``uniter-ds prebuild`` builds it ahead). Both compute the same AdamW step."""
+    ``uniter-ds prebuild`` builds it ahead, train/extensions.py). Both compute the same AdamW step."""
     if implementation not in OPTIMIZERS:
         raise ValueError(f"optimizer implementation {implementation!r}: expected one of {', '.join(OPTIMIZERS)}")
     if implementation == "deepspeed" and not on_gpu:
