@@ -30,6 +30,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
 class Tracker:
     def __init__(self, run_dir: Path, *, enabled: bool, use_mlflow: bool, experiment: str,
                  tracking_uri: str | None, run_name: str, system_metrics_interval: float | None = None,
@@ -51,6 +55,10 @@ class Tracker:
         if not enabled or not use_mlflow:
             return
         uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        # MLflow's own HTTP retries (7, with backoff: ~4 min before an unreachable server's first error)
+        # would hold the start and every later call; this tracker retries in the background instead.
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         try:
             import mlflow
 
