@@ -326,3 +326,112 @@ def test_a_build_lock_left_by_a_killed_build_is_named_before_any_rank_starts(tmp
     finally:
         builder.kill()
     os.remove(lock)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: refused by `uniter-ds pretrain` before any rank starts, exit 2, the key and file named
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inputs")
+    common = dict(images=24, seed=0, img_dim=64, min_regions=5, max_regions=10, max_shard_bytes=30_000)
+    synth_dataset(root / "data", img_label_dim=41, **common)
+    synth_dataset(root / "no-soft", img_label_dim=None, **common)
+    shards = Manifest.load(root / "data").shards
+    for name, damage in (("missing-shard", "delete"), ("short-shard", "truncate")):
+        shutil.copytree(root / "data", root / name)
+        shard = root / name / shards[1].name
+        if damage == "delete":
+            shard.unlink()
+        else:
+            shard.write_bytes(shard.read_bytes()[:1000])
+    (root / "empty").mkdir()
+    (root / "bad.json").write_text("{not json")
+    config = _config(root / "run", root / "data")
+    config["data"]["val"] = [str(root / "data")]
+    (root / "good.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+BAD_INPUTS = [  # (what, --set overrides or extra arguments, what the error must say)
+    ("unknown key", ["--set", "optim.lrr=3"], "config key 'optim.lrr' is unknown"),
+    ("wrong type", ["--set", "optim.lr=abc"], "config key 'optim.lr': expected float"),
+    ("not a choice", ["--set", "data.split=bogus"], "config key 'data.split'"),
+    ("unknown task", ["--set", "data.train.0.tasks.vqa=1"], "config key 'data.train.0.tasks.vqa'"),
+    ("mix ratio <= 0", ["--set", "data.train.0.tasks.mlm=0"], "config key 'data.train.0.tasks.mlm'"),
+    ("skip fraction > 1", ["--set", "data.max_skip_fraction=2"], "config key 'data.max_skip_fraction'"),
+    ("a relative typo", ["--set", "data.train.0.paths=[dta]"], "config key 'data.train.0.paths': dta"),
+    ("a missing absolute path", ["--set", "data.train.0.paths=[/no/such/data]"],
+     "config key 'data.train.0.paths': /no/such/data: matches no dataset folder"),
+    ("an empty dataset folder", ["--set", "data.train.0.paths=[{root}/empty]"],
+     "config key 'data.train.0.paths': {root}/empty: no manifest.json"),
+    ("a missing validation path", ["--set", "data.val=[{root}/nowhere]"], "config key 'data.val': {root}/nowhere"),
+    ("features unlike the model's", ["--set", "model.overrides.img_dim=128"],
+     "config key 'data.train.0.paths': {root}/data: dataset does not match: img_dim: data has 64-d features"),
+    ("no soft labels for MRC", ["--set", "data.train.0.paths=[{root}/no-soft]", "--set", "data.train.0.tasks.mrc=1"],
+     "config key 'data.train.0.paths': {root}/no-soft: dataset does not match: img_label_dim"),
+    ("a shard the manifest lists, missing", ["--set", "data.train.0.paths=[{root}/missing-shard]"],
+     "config key 'data.train.0.paths': 1 shard(s) unlike their manifest: {root}/missing-shard/"),
+    ("a truncated shard", ["--set", "data.train.0.paths=[{root}/short-shard]"],
+     "(1000 bytes, the manifest says"),
+    ("init weights that do not exist", ["--set", "model.init_from=hf:/no/such/export"],
+     "config key 'model.init_from': /no/such/export does not exist"),
+    ("init weights of no known kind", ["--set", "model.init_from=weights:/x"], "config key 'model.init_from'"),
+    ("a missing model config file", ["--set", "model.config_file=/no/such.json"],
+     "config key 'model.config_file': /no/such.json does not exist"),
+    ("a missing deepspeed config", ["--set", "deepspeed_config=/no/such/ds.json"],
+     "config key 'deepspeed_config': /no/such/ds.json does not exist"),
+    ("a deepspeed config that is not JSON", ["--set", "deepspeed_config={root}/bad.json"],
+     "config key 'deepspeed_config': {root}/bad.json is not valid JSON"),
+    ("a resume path that does not exist", ["--resume", "{root}/no-checkpoint"],
+     "--resume {root}/no-checkpoint: does not"),
+]
+
+
+@pytest.mark.parametrize("what,arguments,message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_refused_before_any_rank_starts(inputs, capsys, what, arguments, message):
+    from uniter_ds.cli import main
+
+    arguments = [a.replace("{root}", str(inputs)) for a in arguments]
+    assert main(["pretrain", "--config", str(inputs / "good.yaml"), "--dry-run", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("{root}", str(inputs)) in err, err
+    assert "Traceback" not in err
+
+
+def test_the_good_input_of_the_bad_input_table_is_accepted(inputs, capsys):
+    from uniter_ds.cli import main
+
+    assert main(["pretrain", "--config", str(inputs / "good.yaml"), "--dry-run"]) == 0
+    skip = ["--set", f"data.train.0.paths=[{inputs}/short-shard]", "--set", "data.on_error=skip"]
+    assert main(["pretrain", "--config", str(inputs / "good.yaml"), "--dry-run", *skip]) == 0  # warned, counted
+    assert "skipped and counted when read" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_a_save_says_so_and_leaves_latest_intact(tmp_path, monkeypatch):
+    """torch's writer says "basic_ios::clear: iostream error" when the disk fills; the save says what it is."""
+    from collections import namedtuple
+
+    from uniter_ds.train import checkpointing
+
+    root = tmp_path / "checkpoints"
+    (root / "step00000004").mkdir(parents=True)
+    (root / "latest").write_text("step00000004")
+
+    class FillingEngine:
+        def save_checkpoint(self, save_dir, tag, **_):
+            (Path(save_dir) / tag).mkdir()
+            (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1234 vs 1200")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(checkpointing.DiskFull, match=r"no space left on device while saving .*step00000008 "
+                       r"\(4096 bytes free; RuntimeError: .*unexpected pos.*step00000004 \(latest\) is intact"):
+        checkpointing.save(FillingEngine(), root, 8, {}, keep_last=2)
+    assert not (root / "step00000008").exists() and (root / "latest").read_text() == "step00000004"
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda _: usage(10**9, 0, 10**9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left: not a full disk, passed on as is
+        checkpointing.save(FillingEngine(), root, 12, {}, keep_last=2)

@@ -10,6 +10,7 @@ directory left checkpoints at later steps).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -69,6 +70,26 @@ def _oldest_first(checkpoints: list[Path], new: Path, step: int) -> list[Path]:
     return earlier_run + this_run + [new]
 
 
+class DiskFull(OSError):
+    """A checkpoint could not be written for want of space; the previous complete one is intact."""
+
+
+FULL_BELOW_BYTES = 64 * 2**20  # a save that failed with less free space than this ran out of it
+
+
+def _explained(error: BaseException, root: Path, folder: Path) -> BaseException:
+    """torch's writer reports a full disk as ``basic_ios::clear: iostream error`` or ``unexpected pos``;
+    say what it is, and what is still there to resume from."""
+    free = shutil.disk_usage(root).free if root.exists() else None
+    if getattr(error, "errno", None) != errno.ENOSPC and (free is None or free >= FULL_BELOW_BYTES):
+        return error
+    latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    shutil.rmtree(folder, ignore_errors=True)  # the half-written checkpoint: space back, nothing to mistake
+    return DiskFull(errno.ENOSPC, f"no space left on device while saving {folder} ({free} bytes free; "
+                    f"{type(error).__name__}: {error}); the run stops, "
+                    + (f"{root / latest} (latest) is intact to resume from" if latest else "no checkpoint yet"))
+
+
 def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
@@ -76,8 +97,11 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last:
     if rank == 0 and folder.exists():  # a leftover of an interrupted save at this step
         shutil.rmtree(folder)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    except (RuntimeError, OSError) as error:
+        raise _explained(error, root, folder) from error
     _barrier()
     if rank == 0:
         # The files and their sizes, once every rank has written: resume and export check them.

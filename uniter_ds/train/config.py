@@ -38,6 +38,15 @@ class ModelSection:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder layers (dynamic shapes)
 
+    def uniter_config(self):  # -> UniterConfig (imported here: the config module stays light)
+        """The model's configuration: the preset or the json file, with the overrides over it."""
+        from ..model import UniterConfig
+
+        if self.config_file:
+            config = UniterConfig.from_json_file(self.config_file)
+            return UniterConfig.from_dict(config.to_dict() | self.overrides) if self.overrides else config
+        return UniterConfig.from_preset(self.preset, **self.overrides)
+
 
 @dataclass
 class TrainDataset:

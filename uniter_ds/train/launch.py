@@ -71,6 +71,18 @@ def launcher_command(args: argparse.Namespace, on_gpu: bool) -> list[str]:
     return command
 
 
+def _unlike_manifest(shard) -> str | None:
+    """How a local shard differs from its manifest entry (missing, or another size); None if it does not.
+    Remote shards are not fetched to check."""
+    if shard.is_remote:
+        return None
+    path = Path(shard.path)
+    size = path.stat().st_size if path.exists() else None
+    if size == shard.bytes:
+        return None
+    return f"{path} ({'missing' if size is None else f'{size} bytes'}, the manifest says {shard.bytes} bytes)"
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)  # raises ConfigError naming the key
     ds_path = Path(config.deepspeed_config)
@@ -80,17 +92,37 @@ def run(args: argparse.Namespace) -> int:
         json.loads(ds_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"config key 'deepspeed_config': {ds_path} is not valid JSON ({error})") from None
-    from ..data import DataError, resolve_sources
+    from ..data import DataError, check_compatible, resolve_sources
 
     # Every dataset is resolved here as the ranks will resolve it (folders, globs, brace ranges, URLs
-    # with their manifests), so a wrong path fails before any rank starts.
-    datasets = [(f"data.train.{i}.paths", d.paths) for i, d in enumerate(config.data.train)]
-    datasets += [("data.val", config.data.val)] if config.data.val else []
-    for key, paths in datasets:
+    # with their manifests), checked against the model, and its local shards against their manifest:
+    # a wrong path or a misfit fails before any rank starts.
+    section = config.model
+    if section.config_file and not Path(section.config_file).is_file():
+        raise ValueError(f"config key 'model.config_file': {section.config_file} does not exist")
+    if section.init_from and not Path(section.init_from.split(":", 1)[1]).exists():
+        raise ValueError(f"config key 'model.init_from': {section.init_from.split(':', 1)[1]} does not exist")
+    try:
+        model = section.uniter_config()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config key 'model': {error}") from None
+    datasets = [(f"data.train.{i}.paths", d.paths, d.tasks) for i, d in enumerate(config.data.train)]
+    datasets += [("data.val", config.data.val, {})] if config.data.val else []
+    for key, paths, tasks in datasets:
         try:
-            resolve_sources(paths)
+            shards = resolve_sources(paths)
+            check_compatible(shards[0].manifest, source=str(shards[0].origin), img_dim=model.img_dim,
+                             img_pos_dim=model.img_pos_dim, img_label_dim=model.img_label_dim,
+                             vocab_size=model.vocab_size, need_soft_labels=any(t in ("mrc", "mrc-kl") for t in tasks))
         except DataError as error:
             raise ValueError(f"config key '{key}': {error}") from None
+        damaged = [problem for problem in map(_unlike_manifest, shards) if problem]
+        if damaged and config.data.on_error == "raise":
+            raise ValueError(f"config key '{key}': {len(damaged)} shard(s) unlike their manifest: {damaged[0]}"
+                             f"{' ...' if len(damaged) > 1 else ''} (data.on_error: skip trains on without them, "
+                             f"counted)")
+        for shard in damaged:
+            print(f"uniter-ds pretrain: warning: {key}: shard {shard}: skipped and counted when read", file=sys.stderr)
     if args.resume not in (None, "latest") and not Path(args.resume).exists():
         raise ValueError(f"--resume {args.resume}: does not exist (a checkpoint folder, or a run's checkpoints "
                          f"folder; --resume alone continues the run directory's latest)")

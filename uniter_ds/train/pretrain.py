@@ -32,7 +32,6 @@ from ..data import DataError, LoaderConfig, build_loader, check_compatible, reso
 from ..data.loader import ATTRITION, LoaderStats
 from ..model import (
     LoadReport,
-    UniterConfig,
     UniterForPretraining,
     load_bert_weights,
     load_original_state_dict,
@@ -57,13 +56,7 @@ logger = logging.getLogger("uniter_ds.pretrain")
 
 def build_model(config: ExperimentConfig) -> UniterForPretraining:
     section = config.model
-    if section.config_file:
-        model_config = UniterConfig.from_json_file(section.config_file)
-        if section.overrides:
-            model_config = UniterConfig.from_dict(model_config.to_dict() | section.overrides)
-    else:
-        model_config = UniterConfig.from_preset(section.preset, **section.overrides)
-    model = UniterForPretraining(model_config, wra_weight=section.wra_weight, mrc_kl=section.mrc_kl)
+    model = UniterForPretraining(section.uniter_config(), wra_weight=section.wra_weight, mrc_kl=section.mrc_kl)
     model.uniter.encoder.activation_checkpointing = section.activation_checkpointing
     if section.compile:
         model.uniter.encoder.compile_layers()
@@ -590,6 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+NAMED_FAULTS = (DataError, FloatingPointError, run_layout.RunDirectoryBusy, checkpointing.DiskFull)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.set) + ([f"deepspeed_config={args.deepspeed_config}"] if args.deepspeed_config else [])
@@ -598,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         result = run(config, args.resume)
-    except (DataError, FloatingPointError, run_layout.RunDirectoryBusy) as error:  # named: no traceback needed
+    except NAMED_FAULTS as error:  # their message is the report: no traceback
         logger.error("rank %s stopped: %s", os.environ.get("RANK", "0"), error)
         return 1
     if is_rank0():
