@@ -252,3 +252,18 @@ def test_a_text_pointing_at_a_missing_image_is_named(tmp_path):
                                      "2": {"input_ids": [201], "img_fname": "b.npz"}})
     with pytest.raises(DataError, match=r"image 'b.npz' of .*t.db: in none of the image databases"):
         convert_uniter_db([tmp_path / "img_db" / "x"], tmp_path / "t.db", tmp_path / "out")
+
+
+def test_the_vocabulary_travels_with_the_shards_and_a_stale_one_does_not(released):
+    from uniter_ds.data.format import TokenizerInfo
+
+    root, _, _ = released
+    dbs = [root / "img_db" / "coco_train2014", root / "img_db" / "vg"]
+    txt_db = root / "txt_db" / "pretrain_train.db"
+    vocab = root / "vocab.txt"
+    vocab.write_text("".join(f"[unused{i}]\n" for i in range(28996)))
+    manifest, _ = convert_uniter_db(dbs, txt_db, root / "out", vocab_file=vocab)
+    assert (root / "out" / "vocab.txt").read_bytes() == vocab.read_bytes()  # what the export builds the tokenizer from
+    assert manifest.tokenizer.vocab_sha256 == TokenizerInfo.hash_vocab(vocab) and manifest.tokenizer.vocab_size == 28996
+    manifest, _ = convert_uniter_db(dbs, txt_db, root / "out")  # the same folder, no vocabulary this time
+    assert not (root / "out" / "vocab.txt").exists() and manifest.tokenizer.vocab_sha256 == "unknown"

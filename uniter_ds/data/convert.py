@@ -175,9 +175,18 @@ def convert_original(
             report.pairs_written += len(image_captions)
         if not report.images_written:
             raise DataError(f"{img_dir}: no image with captions found (npz files: {len(files)})")
-    if vocab_file is not None:  # the export hands it on: AutoTokenizer of the trained model
-        shutil.copy(vocab_file, Path(out) / "vocab.txt")
+    hand_on_tokenizer(Path(out), vocab_file)
     return writer.manifest, report
+
+
+def hand_on_tokenizer(out: Path, vocab_file: str | Path | None) -> None:
+    """Keep the tokenizer's ``vocab.txt`` beside the shards (the export makes the trained model's
+    tokenizer from it), and nothing an earlier conversion into this folder left: a stale vocabulary
+    would be exported as this data's."""
+    (out / "vocab.txt").unlink(missing_ok=True)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    if vocab_file is not None:
+        shutil.copy(vocab_file, out / "vocab.txt")
 
 
 PARTS_DIR = ".convert-parts"  # a conversion in progress: its plan and one record per finished shard
@@ -277,8 +286,7 @@ def convert_uniter_db(
     if not report.images_written:
         raise DataError(f"{txt_db}: no image of its texts was found in {[str(d) for d in img_dbs]}")
     manifest = manifest_from_parts(out, list(records.values()), name=name, tokenizer=tokenizer, source=source)
-    if vocab_file is not None:
-        shutil.copy(vocab_file, out / "vocab.txt")
+    hand_on_tokenizer(out, vocab_file)
     shutil.rmtree(out / PARTS_DIR)
     return manifest, report
 
@@ -480,5 +488,6 @@ def convert_tsv(
         report.captions_without_image = sum(len(c) for i, c in captions.items() if i not in seen)
         if not report.images_written:
             raise DataError(f"{tsv}: no image with captions found")
+    hand_on_tokenizer(Path(out), None)
     tok.save_pretrained(str(Path(out) / "tokenizer"))  # the export hands it on (AutoTokenizer)
     return writer.manifest, report

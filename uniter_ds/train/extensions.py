@@ -66,6 +66,7 @@ def prebuild(on_gpu: bool) -> list[str]:
 
 
 def stale_message(locks: list[Path]) -> str:
-    return (f"{', '.join(map(str, locks))}: a DeepSpeed op build was interrupted here and left its lock; every "
+    return (f"{', '.join(map(str, locks))}: a DeepSpeed op build was interrupted here and left its lock (no process "
+            f"on this machine holds it open); every "
             f"job that needs the op would wait for it forever. Clear it with: rm {' '.join(map(str, locks))} "
             f"(then `uniter-ds prebuild` builds the op again)")
