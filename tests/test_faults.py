@@ -435,3 +435,62 @@ def test_a_full_disk_during_a_save_says_so_and_leaves_latest_intact(tmp_path, mo
     monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda _: usage(10**9, 0, 10**9))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left: not a full disk, passed on as is
         checkpointing.save(FillingEngine(), root, 12, {}, keep_last=2)
+
+
+def _last_per_step(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl by step; after a resume the replayed steps appear again, and the last row counts."""
+    return {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
+def test_kill_9_of_a_rank_mid_run_then_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
+    import os
+    import signal
+    import time
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    synth_dataset(tmp_path / "data", images=120, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
+                  max_shard_bytes=60_000)
+
+    def config(name: str) -> dict:
+        config = _config(tmp_path / name, tmp_path / "data", split="resampled")
+        config["optim"]["total_steps"] = 16
+        config["checkpoint"] = {"every": 4, "at_end": True, "keep_last": 2}
+        config["tracking"]["log_every"] = 1
+        config["export_at_end"] = True
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        return config
+
+    assert _launch(config("straight"), tmp_path / "straight.yaml").returncode == 0
+    config("killed")
+    command = [deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+               "uniter_ds.train.pretrain", "--config", str(tmp_path / "killed.yaml")]
+    runner = subprocess.Popen(command, cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        complete = tmp_path / "killed" / "checkpoints" / "step00000004" / "complete.json"
+        deadline = time.monotonic() + 180
+        while not complete.exists() or len(_last_per_step(tmp_path / "killed")) < 6:
+            assert runner.poll() is None and time.monotonic() < deadline, "the job did not get past step 6"
+            time.sleep(0.05)
+        os.kill(_rank_pid(runner.pid, 1), signal.SIGKILL)  # mid-step: between checkpoints 4 and 8
+        assert runner.wait(timeout=60) != 0
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+    killed_at = max(_last_per_step(tmp_path / "killed"))
+    assert killed_at < 16
+    resumed = subprocess.run([*command[:4], str(free_port()), *command[5:], "--resume"], cwd=ROOT, env=cpu_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight, again = _last_per_step(tmp_path / "straight"), _last_per_step(tmp_path / "killed")
+    for step in range(5, 17):
+        for key in [k for k in straight[step] if k.startswith("train/")]:
+            assert again[step][key] == pytest.approx(straight[step][key], rel=1e-5, abs=1e-7), (step, key)
+    a = load_file(str(tmp_path / "straight" / "export" / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "export" / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], atol=1e-5, err_msg=key)
