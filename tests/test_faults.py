@@ -37,6 +37,27 @@ def _config(run_dir: Path, data: Path, **data_options) -> dict:
     }
 
 
+def _small_data(folder: Path, images: int, seed: int = 2) -> Path:
+    synth_dataset(folder, images=images, seed=seed, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
+                  max_shard_bytes=60_000)
+    return folder
+
+
+def _wait_until(done, process: subprocess.Popen, what: str, timeout: float = 180, every: float = 0.5) -> None:
+    """Poll ``done()`` while ``process`` runs; fail naming ``what`` if it ends or time runs out first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert process.poll() is None and time.monotonic() < deadline, what
+        time.sleep(every)
+
+
+def _metric_rows(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
 def _nan_into_features(shard: Path) -> str:
     """Overwrite the first feature of the shard's second image with an fp16 NaN, in place (same size)."""
     with tarfile.open(shard) as tar:
@@ -52,8 +73,7 @@ def _nan_into_features(shard: Path) -> str:
 @pytest.fixture(scope="module")
 def damaged(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("faults")
-    synth_dataset(root / "data", images=240, seed=0, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
-                  max_shard_bytes=60_000)
+    _small_data(root / "data", 240, seed=0)
     shards = Manifest.load(root / "data").shards
     assert len(shards) >= 6
     truncated, header, nan = (root / "data" / s.name for s in shards[1:4])
@@ -113,8 +133,7 @@ def test_on_error_raise_names_the_shard(damaged):
 
 def test_a_nonfinite_loss_stops_the_run_naming_the_steps(tmp_path):
     clean = tmp_path / "clean"
-    synth_dataset(clean, images=60, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
-                  max_shard_bytes=60_000)
+    _small_data(clean, 60)
     config = _config(tmp_path / "diverges", clean)
     config["optim"] |= {"lr": 1e12, "warmup_steps": 0}  # diverges within a few steps
     config["optim"]["grad_clip"] = 0.0
@@ -164,8 +183,7 @@ def test_a_killed_rank_takes_its_loader_workers_and_helpers_down(tmp_path):
     import signal
     import time
 
-    synth_dataset(tmp_path / "data", images=120, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
-                  max_shard_bytes=60_000)
+    _small_data(tmp_path / "data", 120)
     config = _config(tmp_path / "run", tmp_path / "data", num_workers=2, split="resampled")
     config["optim"]["total_steps"] = 5000
     config["tracking"]["log_every"] = 1
@@ -175,11 +193,7 @@ def test_a_killed_rank_takes_its_loader_workers_and_helpers_down(tmp_path):
                               cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert runner.poll() is None and time.monotonic() < deadline, "the job did not start training"
-            time.sleep(0.5)
+        _wait_until(lambda: _metric_rows(tmp_path / "run") >= 3, runner, "the job did not start training")
         rank1 = _rank_pid(runner.pid, 1)
         helpers = _descendants(rank1)  # its fork server, resource tracker and loader workers
         assert len(helpers) >= 3, helpers
@@ -202,8 +216,7 @@ def test_a_run_directory_holds_one_live_job(tmp_path):
     import signal
     import sys
 
-    synth_dataset(tmp_path / "data", images=60, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
-                  max_shard_bytes=60_000)
+    _small_data(tmp_path / "data", 60)
     (tmp_path / "run").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from uniter_ds.run_layout import lock_run_directory; "
@@ -236,10 +249,8 @@ def test_when_the_runner_is_killed_uniter_ds_waits_for_the_ranks_and_says_so(tmp
     import os
     import signal
     import sys
-    import time
 
-    synth_dataset(tmp_path / "data", images=60, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
-                  max_shard_bytes=60_000)
+    _small_data(tmp_path / "data", 60)
     config = _config(tmp_path / "run", tmp_path / "data")
     config["optim"]["total_steps"] = 60
     config["tracking"]["log_every"] = 1
@@ -248,11 +259,7 @@ def test_when_the_runner_is_killed_uniter_ds_waits_for_the_ranks_and_says_so(tmp
                            cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert cli.poll() is None and time.monotonic() < deadline, "the job did not start training"
-            time.sleep(0.5)
+        _wait_until(lambda: _metric_rows(tmp_path / "run") >= 2, cli, "the job did not start training")
         runner = next(pid for pid in _descendants(cli.pid)
                       if b"deepspeed" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1])
         ranks = [_rank_pid(cli.pid, r) for r in (0, 1)]
@@ -269,8 +276,7 @@ def test_when_the_runner_is_killed_uniter_ds_waits_for_the_ranks_and_says_so(tmp
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_taken(tmp_path):
     import sys
 
-    synth_dataset(tmp_path / "data", images=60, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
-                  max_shard_bytes=60_000)
+    _small_data(tmp_path / "data", 60)
     config = _config(tmp_path / "run", tmp_path / "data", split="resampled")
     config["checkpoint"] = {"every": 4, "at_end": True, "keep_last": 3}
     config["tracking"]["log_every"] = 1
@@ -304,8 +310,7 @@ def test_a_build_lock_left_by_a_killed_build_is_named_before_any_rank_starts(tmp
     import os
     import sys
 
-    synth_dataset(tmp_path / "data", images=30, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
-                  max_shard_bytes=60_000)
+    _small_data(tmp_path / "data", 30)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(_config(tmp_path / "run", tmp_path / "data")))
     extensions = tmp_path / "extensions"
     lock = extensions / "deepspeed_shm_comm" / "lock"
@@ -446,13 +451,11 @@ def _last_per_step(run_dir: Path) -> dict[int, dict]:
 def test_kill_9_of_a_rank_mid_run_then_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
     import os
     import signal
-    import time
 
     import numpy as np
     from safetensors.numpy import load_file
 
-    synth_dataset(tmp_path / "data", images=120, seed=2, img_dim=64, img_label_dim=41, min_regions=5, max_regions=20,
-                  max_shard_bytes=60_000)
+    _small_data(tmp_path / "data", 120)
 
     def config(name: str) -> dict:
         config = _config(tmp_path / name, tmp_path / "data", split="resampled")
@@ -471,10 +474,8 @@ def test_kill_9_of_a_rank_mid_run_then_resume_ends_where_the_uninterrupted_run_e
                               start_new_session=True)
     try:
         complete = tmp_path / "killed" / "checkpoints" / "step00000004" / "complete.json"
-        deadline = time.monotonic() + 180
-        while not complete.exists() or len(_last_per_step(tmp_path / "killed")) < 6:
-            assert runner.poll() is None and time.monotonic() < deadline, "the job did not get past step 6"
-            time.sleep(0.05)
+        _wait_until(lambda: complete.exists() and len(_last_per_step(tmp_path / "killed")) >= 6, runner,
+                    "the job did not get past step 6", every=0.05)
         os.kill(_rank_pid(runner.pid, 1), signal.SIGKILL)  # mid-step: between checkpoints 4 and 8
         assert runner.wait(timeout=60) != 0
     finally:

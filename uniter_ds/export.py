@@ -185,7 +185,7 @@ def _file_beside(origin: str, name: str) -> bytes | None:
         return None
 
 
-def _export_tokenizer(experiment: dict[str, Any], out: Path) -> dict[str, Any] | None:
+def _export_tokenizer(datasets: list[tuple[str, Any]], out: Path) -> dict[str, Any] | None:
     """The training data's tokenizer as a Hugging Face tokenizer in ``out`` (``AutoTokenizer`` loads it):
     the tokenizer folder a conversion saved (``DATASET/tokenizer``), or a WordPiece tokenizer over the
     dataset's ``vocab.txt`` with its casing; local or remote datasets alike. Checked against the ids the
@@ -196,7 +196,7 @@ def _export_tokenizer(experiment: dict[str, Any], out: Path) -> dict[str, Any] |
 
     from transformers import AutoTokenizer, BertTokenizer
 
-    for origin, manifest in _training_datasets(experiment):
+    for origin, manifest in datasets:
         info = manifest.tokenizer
         raw = json.loads(json.dumps(dataclasses.asdict(info)))
         (out / "tokenizer_info.json").write_text(json.dumps(raw, indent=2) + "\n")
@@ -225,10 +225,11 @@ def _export_tokenizer(experiment: dict[str, Any], out: Path) -> dict[str, Any] |
     return None
 
 
-def _model_card(source: Source, heads: bool, dtype: str, tokenizer: dict[str, Any] | None) -> str:
+def _model_card(source: Source, heads: bool, dtype: str, tokenizer: dict[str, Any] | None,
+                training_data: list[tuple[str, Any]]) -> str:
     """README.md with Hugging Face model-card metadata (library, tags, datasets, held-out metrics)."""
     experiment, config = source.experiment, source.config
-    datasets = [manifest.name for _, manifest in _training_datasets(experiment)]
+    datasets = [manifest.name for _, manifest in training_data]
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
                             "tags": ["uniter", "uniter-ds", "vision-language", "image-text", "custom_code"]}
     if datasets:
@@ -299,14 +300,15 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
             hf = tmp / "hf"
             model.to(DTYPES[dtype]).save_pretrained(hf, max_shard_size=max_shard_bytes)
             model.float()
-            tokenizer = _export_tokenizer(source.experiment, hf)
+            training_data = _training_datasets(source.experiment)  # remote manifests: fetched once
+            tokenizer = _export_tokenizer(training_data, hf)
             if tokenizer is None:
                 warnings.append("no tokenizer exported: the training data is not readable from here (its manifest "
                                 "names the tokenizer)")
             elif not tokenizer["exported"]:
                 warnings.append("no tokenizer exported: the training data carries no vocabulary (convert with "
                                 "--vocab or --tokenizer to include one)")
-            (hf / "README.md").write_text(_model_card(source, heads, dtype, tokenizer))
+            (hf / "README.md").write_text(_model_card(source, heads, dtype, tokenizer, training_data))
             reloaded = (UniterForPretraining if heads else UniterModel).from_pretrained(hf).float().eval()
             _check(reference, _outputs(reloaded, batch), tolerance, "hf")
             written["hf"] = str(out / "hf")

@@ -256,7 +256,8 @@ def convert_uniter_db(
              for index, part in enumerate(parts) if index not in records]
     bar = tqdm(total=len(items), initial=sum(len(parts[i]) for i in records), unit="img", disable=not progress,
                desc="converting")
-    if workers <= 1 or len(tasks) <= 1:
+    in_process = workers <= 1 or len(tasks) <= 1
+    if in_process:
         _open_databases(img_dbs, txt_db, options)
         finished = map(_convert_part, tasks)
     else:
@@ -269,7 +270,7 @@ def convert_uniter_db(
             bar.update(len(parts[record["index"]]))
     finally:
         bar.close()
-        if workers <= 1 or len(tasks) <= 1:
+        if in_process:
             _close_databases()
         else:
             pool.terminate()  # after an error: stop the other parts at once (their shards stay unfinished)

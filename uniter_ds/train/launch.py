@@ -100,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
     section = config.model
     if section.config_file and not Path(section.config_file).is_file():
         raise ValueError(f"config key 'model.config_file': {section.config_file} does not exist")
-    if section.init_from and not Path(section.init_from.split(":", 1)[1]).exists():
-        raise ValueError(f"config key 'model.init_from': {section.init_from.split(':', 1)[1]} does not exist")
+    init_path = section.init_from.split(":", 1)[1] if section.init_from else None
+    if init_path and not Path(init_path).exists():
+        raise ValueError(f"config key 'model.init_from': {init_path} does not exist")
     try:
         model = section.uniter_config()
     except (TypeError, ValueError) as error:

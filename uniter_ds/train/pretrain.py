@@ -309,8 +309,8 @@ def stop_on_faults(metrics: dict[str, float], config: ExperimentConfig, first: i
     inf, or when more of the data was skipped or lost than ``data.max_skip_fraction`` allows."""
     since = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
     if metrics["train/nonfinite_losses"]:
-        streams = [k.split("/")[1] + "/" + k.split("/")[2] for k in metrics if k.endswith("/nonfinite_losses")
-                   and k.count("/") == 3]
+        streams = [k.removeprefix("train/").removesuffix("/nonfinite_losses") for k in metrics
+                   if k.endswith("/nonfinite_losses") and k != "train/nonfinite_losses"]
         raise FloatingPointError(
             f"non-finite loss in {metrics['train/nonfinite_losses']:.0f} micro-batch(es) of {streams} in steps "
             f"{first}-{last} (rank*.jsonl lists each step's pairs); the weights may be NaN from there on, so "
@@ -379,8 +379,9 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
     model = build_model(config)
     streams = [Stream(d.name, task) for d in config.data.train for task in d.tasks]
     names = [s.name for s in streams]
+    train_shards = {d.name: resolve_sources(d.paths) for d in config.data.train}
     for dataset in config.data.train:  # refuse data that does not fit the model, before any step
-        check_compatible(resolve_sources(dataset.paths)[0].manifest, source=dataset.name,
+        check_compatible(train_shards[dataset.name][0].manifest, source=dataset.name,
                          img_dim=model.config.img_dim, img_pos_dim=model.config.img_pos_dim,
                          img_label_dim=model.config.img_label_dim, vocab_size=model.config.vocab_size,
                          need_soft_labels=any(t in ("mrc", "mrc-kl") for t in dataset.tasks))
@@ -421,8 +422,9 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
                                         "kernels": json.dumps(active_kernels(model))})
     if rank == 0:
         tracker.set_tags(run_tags(device, world))
-        for context, paths in [*(("train", d.paths) for d in config.data.train), ("validation", config.data.val)]:
-            for origin in dict.fromkeys(shard.origin for shard in resolve_sources(paths)) if paths else []:
+        val_shards = resolve_sources(config.data.val) if config.data.val else []
+        for context, shards in [*(("train", s) for s in train_shards.values()), ("validation", val_shards)]:
+            for origin in dict.fromkeys(shard.origin for shard in shards):
                 tracker.log_dataset(origin, context)
         tracker.log_artifacts(run_dir / "config.yaml", "config")
         tracker.log_artifacts(Path(config.deepspeed_config), "config")
