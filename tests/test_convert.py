@@ -155,11 +155,12 @@ def test_bottom_up_tsv_with_captions_and_a_tokenizer_folder(tmp_path):
     # The tokenizer travels with the converted data, and on into an export: AutoTokenizer, same ids, casing.
     from transformers import AutoTokenizer
 
-    from uniter_ds.export import _export_tokenizer
+    from uniter_ds.export import _export_tokenizer, _training_datasets
 
     assert manifest.tokenizer.lowercase is True  # BertTokenizer's default
     (tmp_path / "hf").mkdir()
-    info = _export_tokenizer({"data": {"train": [{"paths": [str(tmp_path / "out")]}]}}, tmp_path / "hf")
+    experiment = {"data": {"train": [{"paths": [str(tmp_path / "out")]}]}}
+    info = _export_tokenizer(_training_datasets(experiment), tmp_path / "hf")
     assert info["exported"] and info["lowercase"] is True
     exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for caption in captions:
