@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -194,3 +195,26 @@ def test_a_remote_dataset_is_an_mlflow_input_with_its_manifest(served, tmp_path)
         assert [Path(a.path).name for a in logged] == ["manifest.json"]
         copy = tmp_path / "datasets" / context / f"synth-{digest}" / "manifest.json"
         assert copy.read_bytes() == manifest.read_bytes()
+
+
+def test_a_stream_over_http_resumes_exactly(served, monkeypatch):
+    """Restoring a worker re-reads the images it held from their shards' URLs, one pass per shard (a
+    stream cannot seek), and continues with the uninterrupted stream's batches."""
+    from uniter_ds.data import LoaderConfig, LoaderStats, TaskStream
+
+    monkeypatch.delenv(remote.CACHE_ENV, raising=False)
+    root, base = served
+    config = LoaderConfig(num_workers=0, split="resampled", token_budget=120, pool_budgets=2, min_pool_tokens=400,
+                          shuffle_buffer=10, seed=2)
+    stats, states, reference = LoaderStats(), [], []
+    for batch in TaskStream([f"{base}/ds/"], "mrc", config):
+        stats.update(batch)
+        states.append(stats.resume_state())
+        reference.append((batch.meta["pairs"], batch.img_feat.tolist(), batch.img_masks.tolist()))
+        if len(reference) == 40:
+            break
+    for taken in (3, 25):
+        resumed = [(b.meta["pairs"], b.img_feat.tolist(), b.img_masks.tolist())
+                   for b in itertools.islice(TaskStream([f"{base}/ds/"], "mrc", config, resume=states[taken - 1]),
+                                             40 - taken)]
+        assert resumed == reference[taken:]

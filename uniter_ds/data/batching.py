@@ -41,6 +41,10 @@ class TaskSample:
     txt_labels: np.ndarray | None = None
     img_mask: np.ndarray | None = None
     itm_target: int | None = None
+    # The pair's image and the image shown with its text (another one for an ITM negative): a saved
+    # data position refers to them rather than holding their features.
+    pair_image: ImageRecord | None = None
+    shown_image: ImageRecord | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -91,7 +95,7 @@ class TaskTransform:
     def __call__(self, pair: Pair) -> TaskSample:
         image = pair.image
         sample = TaskSample((image.key, pair.caption_index), image.key, pair.input_ids, image.feat, image.pos,
-                            image.soft)
+                            image.soft, pair_image=image, shown_image=image)
         if self.task == "itm":
             sample.itm_target = 1
             if self.rng.random() < self.itm_neg_prob:
@@ -99,8 +103,8 @@ class TaskTransform:
                 if negative is None:
                     self.forced_positives += 1
                 else:
-                    sample.image_key, sample.feat, sample.pos, sample.soft = (
-                        negative.key, negative.feat, negative.pos, negative.soft)
+                    sample.image_key, sample.feat, sample.pos, sample.soft, sample.shown_image = (
+                        negative.key, negative.feat, negative.pos, negative.soft, negative)
                     sample.itm_target = 0
             self.pool.append(image)
             return sample
@@ -117,9 +121,7 @@ class TaskTransform:
         return candidates[int(self.rng.integers(len(candidates)))]
 
 
-def budget_batches(samples: Iterator[TaskSample], token_budget: int, pool_budgets: int = 16,
-                   rng: np.random.Generator | None = None, min_pool_tokens: int = 2**18
-                   ) -> Iterator[list[TaskSample]]:
+class BudgetBatcher:
     """Micro-batches of similar-length samples with (count x longest) <= token_budget.
 
     The streaming form of the reference's token-bucket sampler: samples gather in a pool until it
@@ -130,32 +132,59 @@ def budget_batches(samples: Iterator[TaskSample], token_budget: int, pool_budget
     stream's last fills >= 95% of the budget at any budget, with 1-5% padding on 10-100-region data
     (tested), and the memory held is the pool. (Length buckets with a cap on waiting samples, the first
     design, flushed half-empty buckets at large budgets: a 64k budget ran ~20k-token batches.) A sample
-    longer than the budget goes alone.
+    longer than the budget goes alone. Its state (``pool``, ``pending``) is plain, for exact resume.
     """
-    rng = rng or np.random.default_rng(0)
-    pool: list[TaskSample] = []
-    pooled_tokens = 0
 
-    def cut(final: bool) -> list[list[TaskSample]]:
-        pool.sort(key=lambda s: s.num_tokens)
+    def __init__(self, token_budget: int, pool_budgets: int = 16, rng: np.random.Generator | None = None,
+                 min_pool_tokens: int = 2**18):
+        self.token_budget, self.rng = token_budget, rng or np.random.default_rng(0)
+        self.pool_tokens = max(pool_budgets * token_budget, min_pool_tokens)
+        self.pool: list[TaskSample] = []
+        self.pooled = 0
+        self.pending: deque[list[TaskSample]] = deque()  # cut, not yet taken
+
+    def add(self, sample: TaskSample) -> bool:
+        """Pool a sample; True when that filled the pool and it was cut into ``pending`` batches."""
+        self.pool.append(sample)
+        self.pooled += sample.num_tokens
+        if self.pooled < self.pool_tokens:
+            return False
+        self._cut(final=False)
+        self.pooled = sum(s.num_tokens for s in self.pool)
+        return True
+
+    def finish(self) -> None:
+        """The input has ended: every pooled sample into ``pending``, the last batch possibly short."""
+        self._cut(final=True)
+        self.pooled = 0
+
+    def _cut(self, final: bool) -> None:
+        self.pool.sort(key=lambda s: s.num_tokens)
         batches: list[list[TaskSample]] = []
         batch: list[TaskSample] = []
-        for sample in pool:
-            if batch and (len(batch) + 1) * sample.num_tokens > token_budget:
+        for sample in self.pool:
+            if batch and (len(batch) + 1) * sample.num_tokens > self.token_budget:
                 batches.append(batch)
                 batch = []
             batch.append(sample)
-        pool[:] = [] if final else batch
-        shuffled = [batches[i] for i in rng.permutation(len(batches))]
-        return shuffled + [batch] if final and batch else shuffled
+        self.pool = [] if final else batch
+        self.pending.extend(batches[i] for i in self.rng.permutation(len(batches)))
+        if final and batch:
+            self.pending.append(batch)
 
+
+def budget_batches(samples: Iterator[TaskSample], token_budget: int, pool_budgets: int = 16,
+                   rng: np.random.Generator | None = None, min_pool_tokens: int = 2**18
+                   ) -> Iterator[list[TaskSample]]:
+    """``BudgetBatcher`` over a stream of samples."""
+    batcher = BudgetBatcher(token_budget, pool_budgets, rng, min_pool_tokens)
     for sample in samples:
-        pool.append(sample)
-        pooled_tokens += sample.num_tokens
-        if pooled_tokens >= max(pool_budgets * token_budget, min_pool_tokens):
-            yield from cut(final=False)
-            pooled_tokens = sum(s.num_tokens for s in pool)
-    yield from cut(final=True)
+        if batcher.add(sample):
+            while batcher.pending:
+                yield batcher.pending.popleft()
+    batcher.finish()
+    while batcher.pending:
+        yield batcher.pending.popleft()
 
 
 def _pad(arrays: list[np.ndarray], length: int, fill: float = 0, dtype: np.dtype | None = None) -> torch.Tensor:

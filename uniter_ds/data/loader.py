@@ -6,21 +6,19 @@ training process only receives finished batches (pinned when a GPU is present).
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..model.inputs import UniterBatch
-from .batching import TASKS, TaskTransform, budget_batches, collate
+from .batching import TASKS, collate
 from .format import DataError, Manifest, check_compatible
-from .reader import ERROR_KINDS, ReaderStats, pairs_of, read_shard, resolve_sources, shards_for_worker, shuffled
+from .pipeline import WorkerPipeline
+from .reader import ERROR_KINDS, resolve_sources
 
 
 @dataclass
@@ -30,6 +28,7 @@ class LoaderConfig:
     seed: int = 0
     shuffle_buffer: int = 1000  # pairs
     pool_budgets: int = 16  # the batcher sorts a pool of this many budgets' worth of tokens at a time
+    min_pool_tokens: int = 2**18  # ... and at least this many (about the reference's 8192-pair pool)
     max_text_len: int | None = 60  # longer captions are dropped (and counted), as in the reference
     on_error: str = "raise"  # "raise" or "skip" (skip and count)
     num_workers: int = 2
@@ -43,6 +42,7 @@ class LoaderConfig:
         checks = {
             "token_budget": self.token_budget > 0, "split": self.split in ("exact", "resampled"),
             "shuffle_buffer": self.shuffle_buffer >= 0, "pool_budgets": self.pool_budgets >= 1,
+            "min_pool_tokens": self.min_pool_tokens >= 1,
             "on_error": self.on_error in ("raise", "skip"), "num_workers": self.num_workers >= 0,
             "mask_prob": 0 < self.mask_prob < 1, "itm_neg_prob": 0 <= self.itm_neg_prob <= 1,
             "masking": self.masking in ("conditional", "joint"), "pad_to_multiple_of": self.pad_to_multiple_of >= 1,
@@ -55,15 +55,22 @@ class LoaderConfig:
 
 
 class TaskStream(IterableDataset):
-    """An endless (``resampled``) or one-epoch (``exact``) stream of batches for one task on one rank."""
+    """An endless (``resampled``) or one-epoch (``exact``) stream of batches for one task on one rank.
+
+    Each batch's ``meta["resume"]`` is its worker's place after it (pipeline.py); ``resume`` continues
+    from such places: ``{"next_worker": w, "workers": {w: {"snapshot": ..., "taken": n}}}``. The
+    DataLoader takes batches from its workers in turn, so loader worker i plays worker
+    ``(i + next_worker) % num_workers``: the first batch then comes from the worker that was next.
+    """
 
     def __init__(self, sources: Sequence[str | Path], task: str, config: LoaderConfig, *, rank: int = 0,
-                 world_size: int = 1, epoch: int = 0):
+                 world_size: int = 1, epoch: int = 0, resume: dict | None = None):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
         self.shards = resolve_sources(sources)
         self.manifest: Manifest = self.shards[0].manifest
         self.task, self.config, self.rank, self.world_size, self.epoch = task, config, rank, world_size, epoch
+        self.resume = resume or {}
 
     def check_model(self, *, img_dim: int, img_label_dim: int, vocab_size: int, img_pos_dim: int = 7) -> None:
         check_compatible(self.manifest, source=self.shards[0].origin, img_dim=img_dim,
@@ -75,47 +82,33 @@ class TaskStream(IterableDataset):
 
     def __iter__(self) -> Iterator[UniterBatch]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (loader_worker + self.resume.get("next_worker", 0)) % num_workers
         global_worker = self.rank * num_workers + worker
         cfg = self.config
-        # One independent, reproducible random stream per (seed, epoch, task, rank, worker).
-        seed_words = [cfg.seed, self.epoch, TASKS.index(self.task), global_worker]
-        rng = random.Random("-".join(map(str, seed_words)))
-        np_rng = np.random.default_rng(seed_words)
-        stats = ReaderStats()
-        shards = shards_for_worker(self.shards, mode=cfg.split, seed=cfg.seed, epoch=self.epoch,
-                                   global_worker=global_worker, num_global_workers=self.world_size * num_workers)
-
-        def read(shards: Iterator) -> Iterator:
-            for visited, shard in enumerate(shards, 1):
-                yield from read_shard(shard, stats, cfg.on_error, cfg.cache_dir)
-                if not stats.images and visited >= 2 * len(self.shards):  # a resampled stream would spin forever
-                    raise DataError(f"{self.task} loader, worker {global_worker} of rank {self.rank}: not one "
-                                    f"usable image in {visited} shards ({stats.corrupt_shards} corrupt, "
-                                    f"{stats.skipped_images} samples skipped); last errors: {stats.last_errors}")
-
-        images = read(shards)
-        tokenizer = self.manifest.tokenizer
-        pairs = itertools.chain.from_iterable(pairs_of(im, tokenizer, cfg.max_text_len, stats) for im in images)
-        transform = TaskTransform(self.task, tokenizer, np_rng, mask_prob=cfg.mask_prob,
-                                  itm_neg_prob=cfg.itm_neg_prob, joint_masking=cfg.masking == "joint")
-        samples = map(transform, shuffled(pairs, cfg.shuffle_buffer, rng))
+        pipeline = WorkerPipeline(self.shards, self.task, cfg, epoch=self.epoch, global_worker=global_worker,
+                                  num_global_workers=self.world_size * num_workers)
+        saved = self.resume.get("workers", {}).get(worker)
+        if saved is not None:
+            pipeline.restore(saved["snapshot"], saved["taken"])
+        stats, transform = pipeline.stats, pipeline.transform
 
         def counted(batch: UniterBatch) -> UniterBatch:
-            batch.meta["worker"] = global_worker
+            batch.meta["worker"] = worker
             batch.meta["reader"] = stats.as_dict() | {"itm_forced_positives": transform.forced_positives}
             return batch
 
         # Each batch leaves with the counts of everything read before the next one was made, so the
         # last one carries the worker's final counts (shards skipped after its last batch included).
         held = None
-        for group in budget_batches(samples, cfg.token_budget, cfg.pool_budgets, np_rng):
+        for group, place in pipeline.groups():
             if held is not None:
                 yield counted(held)
             held = collate(group, self.task, cfg.pad_to_multiple_of)
+            held.meta["resume"] = place
         if held is not None:
             yield counted(held)
-        elif stats.skipped_images or stats.corrupt_shards:  # nothing else would carry these counts out
+        elif saved is None and (stats.skipped_images or stats.corrupt_shards):  # nothing else would carry them
             raise DataError(f"{self.task} loader, worker {global_worker} of rank {self.rank}: not one usable sample "
                             f"in its shards ({stats.corrupt_shards} corrupt, {stats.lost_images} images lost, "
                             f"{stats.skipped_images} samples skipped); last errors: {stats.last_errors}")
@@ -127,20 +120,41 @@ ATTRITION = ("images", "pairs", "skipped_images", "corrupt_shards", "lost_images
 
 
 class LoaderStats:
-    """Reader counts summed over the workers of a loader (each batch carries its worker's running counts)."""
+    """What a loader's consumer knows of its workers: reader counts summed over them (each batch carries
+    its worker's running counts), and where each stands after the batches taken, to resume from."""
 
-    def __init__(self) -> None:
-        self.per_worker: dict[int, dict] = {}
+    def __init__(self, num_workers: int = 0, resume: dict | None = None) -> None:
+        resume = resume or {}
+        self.num_workers = max(1, num_workers)
+        self.per_worker: dict[int, dict] = dict(resume.get("reader", {}))
+        self.places: dict[int, dict] = {w: dict(p) for w, p in resume.get("workers", {}).items()}
+        self.next_worker = resume.get("next_worker", 0)
         self.batches = 0
         self.real_tokens = 0
         self.padded_tokens = 0
 
     def update(self, batch: UniterBatch) -> None:
         meta = batch.meta or {}
-        self.per_worker[meta.get("worker", 0)] = meta.get("reader", {})
+        worker = meta.get("worker", 0)
+        self.per_worker[worker] = meta.get("reader", {})
         self.batches += 1
         self.real_tokens += meta.get("real_tokens", 0)
         self.padded_tokens += meta.get("padded_tokens", 0)
+        place = meta.get("resume")
+        if place is None:
+            return
+        if "snapshot" in place:
+            self.places[worker] = {"snapshot": place["snapshot"], "taken": place["taken"]}
+        elif self.places.get(worker, {}).get("snapshot", {}).get("id") == place["id"]:
+            self.places[worker]["taken"] = place["taken"]
+        else:  # batches of one worker arrive in order, its snapshot first: this is a bug, not bad data
+            raise RuntimeError(f"a batch of loader worker {worker} refers to snapshot {place['id']}, never received")
+        self.next_worker = (worker + 1) % self.num_workers
+
+    def resume_state(self) -> dict:
+        """``TaskStream(resume=...)`` continues after the batches taken so far."""
+        return {"next_worker": self.next_worker, "workers": {w: dict(p) for w, p in self.places.items()},
+                "reader": dict(self.per_worker)}
 
     def totals(self) -> dict:
         out: dict = {"batches": self.batches, "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
@@ -174,8 +188,8 @@ def die_with_parent(_worker_id: int = 0) -> None:
 
 
 def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig, *, rank: int = 0,
-                 world_size: int = 1, epoch: int = 0) -> DataLoader:
-    dataset = TaskStream(sources, task, config, rank=rank, world_size=world_size, epoch=epoch)
+                 world_size: int = 1, epoch: int = 0, resume: dict | None = None) -> DataLoader:
+    dataset = TaskStream(sources, task, config, rank=rank, world_size=world_size, epoch=epoch, resume=resume)
     # Its own generator: starting the workers must not draw from the global torch RNG, or when a
     # loader is opened would change the training run's dropout masks (and break exact resume).
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank * 31 + TASKS.index(task))

@@ -19,7 +19,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
@@ -28,7 +28,7 @@ import numpy as np
 
 from . import sources as remote
 from .format import ARRAY_FIELDS, REQUIRED_MEMBERS, DataError, Manifest, TokenizerInfo, load_npy
-from .tario import TarFormatError, iter_tar_stream
+from .tario import TarFormatError, iter_tar_members
 
 
 @dataclass
@@ -58,6 +58,19 @@ class ImageRecord:
     soft: np.ndarray | None  # float16 [N, C]
     captions: list[dict]
     extra: dict = field(default_factory=dict)  # the sample's other JSON fields (width, height, ...)
+    # Where it was read: the shard as listed (URL or path), its index there, and the byte offsets of its
+    # first header and of what follows it. A checkpoint refers to a held image by ``ref``, no bytes.
+    location: str = ""
+    index: int = -1
+    start: int = -1
+    end: int = -1
+
+    @property
+    def ref(self) -> ImageRef:
+        return (self.location, self.start, self.index)
+
+
+ImageRef = tuple[str, int, int]  # (shard location, byte offset, index in the shard)
 
 
 @dataclass
@@ -166,22 +179,48 @@ def _remote_shards(spec: str, manifest_of) -> list[Shard]:
     return found
 
 
-def shards_for_worker(shards: list[Shard], *, mode: str, seed: int, epoch: int, global_worker: int,
-                      num_global_workers: int) -> Iterator[Shard]:
-    if mode == "exact":
-        if len(shards) < num_global_workers:
-            raise DataError(f"exact split needs at least as many shards ({len(shards)}) as ranks x loader workers "
-                            f"({num_global_workers}); write smaller shards or use resampled mode")
-        order = list(range(len(shards)))
-        random.Random(f"{seed}-{epoch}").shuffle(order)
-        for i in order[global_worker::num_global_workers]:
-            yield shards[i]
-    elif mode == "resampled":
-        rng = random.Random(f"{seed}-{epoch}-{global_worker}")
-        while True:
-            yield shards[rng.randrange(len(shards))]
-    else:
-        raise ValueError(f"split mode must be 'exact' or 'resampled', got {mode!r}")
+class ShardCursor:
+    """The shards one global worker reads in an epoch, in order, with its place saved and restored."""
+
+    def __init__(self, shards: list[Shard], *, mode: str, seed: int, epoch: int, global_worker: int,
+                 num_global_workers: int):
+        self.shards, self.mode, self.taken = shards, mode, 0
+        if mode == "exact":
+            if len(shards) < num_global_workers:
+                raise DataError(f"exact split needs at least as many shards ({len(shards)}) as ranks x loader "
+                                f"workers ({num_global_workers}); write smaller shards or use resampled mode")
+            order = list(range(len(shards)))
+            random.Random(f"{seed}-{epoch}").shuffle(order)
+            self.order = order[global_worker::num_global_workers]
+        elif mode == "resampled":
+            self.rng = random.Random(f"{seed}-{epoch}-{global_worker}")
+        else:
+            raise ValueError(f"split mode must be 'exact' or 'resampled', got {mode!r}")
+
+    def next(self) -> Shard | None:
+        """The next shard, or None at the end of an exact split's epoch (a resampled one has no end)."""
+        if self.mode == "exact":
+            if self.taken == len(self.order):
+                return None
+            shard = self.shards[self.order[self.taken]]
+        else:
+            shard = self.shards[self.rng.randrange(len(self.shards))]
+        self.taken += 1
+        return shard
+
+    def state_dict(self) -> dict:
+        return {"taken": self.taken} | ({"rng": self.rng.getstate()} if self.mode == "resampled" else {})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.taken = state["taken"]
+        if self.mode == "resampled":
+            self.rng.setstate(state["rng"])
+
+
+def shards_for_worker(shards: list[Shard], **split) -> Iterator[Shard]:
+    cursor = ShardCursor(shards, **split)
+    while (shard := cursor.next()) is not None:
+        yield shard
 
 
 class NonFiniteSample(DataError):
@@ -227,12 +266,16 @@ def _decode(key: str, members: dict[str, bytes], shard: Shard) -> ImageRecord:
 
 
 def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
-               cache_dir: str | Path | None = None) -> Iterator[ImageRecord]:
+               cache_dir: str | Path | None = None, start: tuple[int, int] = (0, 0)) -> Iterator[ImageRecord]:
     """The images of one shard, in order. Errors name the shard and the sample; with ``on_error='skip'``
     a bad sample is skipped and a corrupt or truncated shard ends early, each counted in ``stats``.
     ``cache_dir`` (default: the UNITER_DS_SHARD_CACHE environment variable): remote shards are
-    downloaded there once and read from disk afterwards."""
+    downloaded there once and read from disk afterwards. ``start``: (byte offset, index) of the sample
+    to begin with (an ``ImageRecord``'s ``end`` and ``index + 1`` continue after it): a local file is
+    seeked into, a stream read up to there."""
     cache_dir = cache_dir or os.environ.get(remote.CACHE_ENV)
+    location = str(shard.path)
+    offset, first_index = start
 
     def fail(error: DataError, kind: str) -> None:
         if on_error == "raise":
@@ -264,19 +307,21 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
                            f"images are not read"), "shard_size")
             return
         stream = open(shard.path, "rb", buffering=1 << 20)  # noqa: SIM115 -- closed below
-    seen = 0
-    key, members = None, {}
+    seen = first_index
+    key, members, sample_start, sample_end = None, {}, offset, offset
     try:
-        for name, data in iter_tar_stream(stream):
+        _advance(stream, offset)
+        for name, data, member_start, member_end in iter_tar_members(stream, offset):
             member_key, _, suffix = name.rpartition("/")[2].partition(".")
             if member_key != key:
                 if key is not None:
-                    record = _checked(key, members, shard, stats, fail)
+                    record = _checked(key, members, shard, stats, fail, (location, seen, sample_start, member_start))
                     seen += 1
                     if record is not None:
                         yield record
-                key, members = member_key, {}
+                key, members, sample_start = member_key, {}, member_start
             members[suffix] = data
+            sample_end = member_end
         remote.close(stream, str(shard.path))
     except (TarFormatError, OSError, HTTPException, remote.StreamError) as error:
         lose(DataError(f"{shard.path}: corrupt or truncated tar after {seen} of {shard.images} images "
@@ -286,7 +331,7 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
         with contextlib.suppress(Exception):
             stream.close()
     if key is not None:
-        record = _checked(key, members, shard, stats, fail)
+        record = _checked(key, members, shard, stats, fail, (location, seen, sample_start, sample_end))
         seen += 1
         if record is not None:
             yield record
@@ -294,7 +339,22 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
         lose(DataError(f"{shard.path}: holds {seen} images, the manifest says {shard.images}"), "image_count", seen)
 
 
-def _checked(key, members, shard, stats, fail) -> ImageRecord | None:
+def _advance(stream, offset: int) -> None:
+    """Move a fresh stream to byte ``offset``: a seek where it can, else read and discard up to there."""
+    if not offset:
+        return
+    if getattr(stream, "seekable", lambda: False)():
+        stream.seek(offset)
+        return
+    left = offset
+    while left:
+        chunk = stream.read(min(left, 1 << 20))
+        if not chunk:
+            raise OSError(f"the stream ends {offset - left} bytes in, before byte {offset}")
+        left -= len(chunk)
+
+
+def _checked(key, members, shard, stats, fail, where: tuple[str, int, int, int]) -> ImageRecord | None:
     try:
         record = _decode(key, members, shard)
     except DataError as error:
@@ -302,34 +362,99 @@ def _checked(key, members, shard, stats, fail) -> ImageRecord | None:
         fail(error, "nonfinite" if isinstance(error, NonFiniteSample) else "bad_sample")
         return None
     stats.images += 1
+    record.location, record.index, record.start, record.end = where
     return record
+
+
+def read_images(refs: Iterable[ImageRef], shards: Sequence[Shard], cache_dir: str | Path | None = None
+                ) -> dict[ImageRef, ImageRecord]:
+    """Images read again where they were found (``ImageRecord.ref``): a seek per image in a local or
+    cached shard, one pass from the first wanted image in a streamed one."""
+    by_location: dict[str, set[ImageRef]] = {}
+    for ref in refs:
+        by_location.setdefault(ref[0], set()).add(ref)
+    listed = {str(shard.path): shard for shard in shards}
+    found: dict[ImageRef, ImageRecord] = {}
+    for location, wanted in by_location.items():
+        shard = listed.get(location)
+        if shard is None:
+            raise DataError(f"{location}: a saved data position refers to this shard, which the dataset no "
+                            f"longer lists")
+        ordered = sorted(wanted, key=lambda ref: ref[1])
+        one_pass = shard.is_remote and not (cache_dir or os.environ.get(remote.CACHE_ENV))
+        for ref in ordered[:1] if one_pass else ordered:
+            with contextlib.closing(read_shard(shard, ReaderStats(), "raise", cache_dir, start=ref[1:])) as images:
+                for image in images:
+                    if image.ref in wanted:
+                        found[image.ref] = image
+                    if not one_pass or image.start >= ordered[-1][1]:
+                        break
+        missing = wanted - found.keys()
+        if missing:
+            raise DataError(f"{location}: no image at byte offset(s) {sorted(ref[1] for ref in missing)[:5]}, where "
+                            f"a saved data position says one was read (the shard changed since?)")
+    return found
 
 
 def pairs_of(image: ImageRecord, tokenizer: TokenizerInfo, max_text_len: int | None,
              stats: ReaderStats) -> Iterator[Pair]:
     """One pair per caption; ``input_ids`` get [CLS]/[SEP]. Captions over ``max_text_len`` tokens
     (without CLS/SEP) are dropped and counted, as the reference dropped captions over 60 tokens."""
-    for index, caption in enumerate(image.captions):
-        ids = caption["input_ids"]
-        if max_text_len is not None and len(ids) > max_text_len:
+    for index in range(len(image.captions)):
+        pair = pair_of(image, index, tokenizer, max_text_len, stats)
+        if pair is not None:
+            yield pair
+
+
+def pair_of(image: ImageRecord, index: int, tokenizer: TokenizerInfo, max_text_len: int | None = None,
+            stats: ReaderStats | None = None) -> Pair | None:
+    """Caption ``index`` of ``image`` as a pair, or None (counted in ``stats``) when it is too long."""
+    ids = image.captions[index]["input_ids"]
+    if max_text_len is not None and len(ids) > max_text_len:
+        if stats is not None:
             stats.dropped_long_captions += 1
-            continue
+        return None
+    if stats is not None:
         stats.pairs += 1
-        yield Pair(image, index, np.array([tokenizer.cls_id, *ids, tokenizer.sep_id], dtype=np.int64))
+    return Pair(image, index, np.array([tokenizer.cls_id, *ids, tokenizer.sep_id], dtype=np.int64))
+
+
+class ShuffleBuffer:
+    """Streaming shuffle: once ``size`` items are held, each new one takes the place of a random one,
+    which leaves; at the end of the input the rest leave in random order. Its state (items, rng) is plain."""
+
+    def __init__(self, size: int, rng: random.Random):
+        self.size, self.rng = size, rng
+        self.items: list = []
+        self.draining = False
+
+    def add(self, item):
+        """The item that leaves in exchange, or None while the buffer fills."""
+        if self.size <= 1:
+            return item
+        if len(self.items) < self.size:
+            self.items.append(item)
+            return None
+        index = self.rng.randrange(self.size)
+        out, self.items[index] = self.items[index], item
+        return out
+
+    def finish(self) -> None:
+        self.rng.shuffle(self.items)
+        self.draining = True
+
+    def drain(self):
+        """After ``finish``: the next item to leave, or None when empty."""
+        return self.items.pop(0) if self.items else None
 
 
 def shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
     """Streaming shuffle with a buffer: emit a random element once the buffer is full."""
-    if buffer_size <= 1:
-        yield from items
-        return
-    buffer: list = []
+    buffer = ShuffleBuffer(buffer_size, rng)
     for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(buffer_size)
-        yield buffer[index]
-        buffer[index] = item
-    rng.shuffle(buffer)
-    yield from buffer
+        out = buffer.add(item)
+        if out is not None:
+            yield out
+    buffer.finish()
+    while (out := buffer.drain()) is not None:
+        yield out

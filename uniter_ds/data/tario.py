@@ -52,8 +52,16 @@ def _read_exactly(f: IO[bytes], size: int) -> bytes:
 
 def iter_tar_stream(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     """The members of a tar read from a binary stream (a file, an HTTP response, a pipe)."""
+    for name, data, _start, _end in iter_tar_members(f):
+        yield name, data
+
+
+def iter_tar_members(f: IO[bytes], offset: int = 0) -> Iterator[tuple[str, bytes, int, int]]:
+    """(name, data, start, end) of each member, ``start`` the byte offset of its first header (a long-name
+    header included) and ``end`` that of whatever follows it: a reader can later seek to ``start`` and
+    read the member again. ``offset``: where ``f`` stands in the tar (a stream opened mid-file)."""
     long_name: str | None = None
-    offset = 0
+    member_start = offset
     while True:
         header = _read_exactly(f, BLOCK)
         if len(header) == 0:
@@ -62,6 +70,8 @@ def iter_tar_stream(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             raise TarFormatError(f"file ends inside a header at byte {offset}")
         if header == b"\0" * BLOCK:
             return
+        if long_name is None:
+            member_start = offset
         stored = _octal(header[148:156])
         if stored != sum(header[:148]) + 256 + sum(header[156:]):
             raise TarFormatError(f"bad header checksum at byte {offset}")
@@ -92,4 +102,4 @@ def iter_tar_stream(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             prefix = header[345:500].rstrip(b"\0").decode() if header[257:263] == b"ustar\x00" else ""
             if prefix:
                 name = f"{prefix}/{name}"
-        yield name, data
+        yield name, data, member_start, offset

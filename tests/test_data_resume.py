@@ -1,0 +1,119 @@
+"""Exact resume of the data in O(1): a loader restored from its workers' saved places continues with
+the very batches an uninterrupted loader makes, without reading the batches already taken."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from uniter_ds.data import DataError, LoaderConfig, LoaderStats, TaskStream, build_loader, synth_dataset
+from uniter_ds.data import reader as reader_module
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume") / "synth"
+    synth_dataset(folder, images=160, img_dim=16, img_label_dim=41, min_regions=5, max_regions=30,
+                  max_shard_bytes=30_000, seed=4)
+    return folder
+
+
+# A pool of ~2k tokens, so that the batcher cuts many times per epoch (the default pool is 2^18 tokens).
+SMALL = {"token_budget": 300, "pool_budgets": 2, "min_pool_tokens": 1500, "shuffle_buffer": 30, "seed": 3}
+
+
+def _content(batch) -> tuple:
+    tensors = tuple(value.tolist() for _, value in sorted(vars(batch).items()) if isinstance(value, torch.Tensor))
+    return tensors, batch.meta["pairs"], batch.meta["images"], batch.meta["reader"]
+
+
+def _run(stream_or_loader, limit: int | None, stats: LoaderStats | None = None) -> tuple[list, list]:
+    """Each batch's content, and the consumer's resume state after it."""
+    contents, states = [], []
+    for batch in itertools.islice(stream_or_loader, limit):
+        if stats is not None:
+            stats.update(batch)
+            states.append(copy.deepcopy(stats.resume_state()))
+        contents.append(_content(batch))
+    return contents, states
+
+
+@pytest.mark.parametrize("task", ["mlm", "mrc-kl", "itm"])
+@pytest.mark.parametrize("split", ["exact", "resampled"])
+def test_a_restored_stream_continues_with_the_uninterrupted_batches(corpus, task, split):
+    config = LoaderConfig(num_workers=0, split=split, **SMALL)
+    limit = None if split == "exact" else 70
+    reference, states = _run(TaskStream([corpus], task, config, rank=1, world_size=2), limit, LoaderStats())
+    assert len(reference) > 15
+    for taken in [1, 2, 5, 11, 17, len(reference) - 2, len(reference) - 1]:
+        resumed, _ = _run(TaskStream([corpus], task, config, rank=1, world_size=2, resume=states[taken - 1]),
+                          None if limit is None else limit - taken)
+        assert resumed == reference[taken:], f"resumed after batch {taken}"
+
+
+def test_resuming_reads_what_the_workers_held_not_the_batches_taken(corpus, monkeypatch):
+    """Images decoded until the first batch after a resume: the same at batch 10 and batch 120 (the
+    workers' buffers), while re-reading the taken batches (replay) would decode ~10x more at 120."""
+    config = LoaderConfig(num_workers=0, split="resampled", **SMALL)
+    decoded = [0]
+    decode = reader_module._decode
+
+    def counting(*args):
+        decoded[0] += 1
+        return decode(*args)
+
+    monkeypatch.setattr(reader_module, "_decode", counting)
+    stats = LoaderStats()
+    states, read_by = [], []
+    for batch in itertools.islice(TaskStream([corpus], "mlm", config), 121):
+        stats.update(batch)
+        states.append(copy.deepcopy(stats.resume_state()))
+        read_by.append(decoded[0])
+    cost = {}
+    for taken in (10, 120):
+        decoded[0] = 0
+        next(iter(TaskStream([corpus], "mlm", config, resume=states[taken - 1])))
+        cost[taken] = decoded[0]
+    assert cost[120] <= 2 * cost[10], cost
+    assert cost[120] * 5 < read_by[119], (cost, read_by[119])
+
+
+def test_two_loader_workers_resume_in_turn_across_the_end_of_an_epoch(corpus):
+    """Workers run out at different batches near an exact epoch's end; the DataLoader takes batches in
+    turn from those left. A resumed loader starts with the worker that was next, and ends alike."""
+    config = LoaderConfig(num_workers=2, split="exact", **SMALL)
+    stats = LoaderStats(num_workers=2)
+    reference, states = _run(build_loader([corpus], "mrfr", config, rank=0, world_size=1, epoch=2), None, stats)
+    workers = [content[3] for content in reference]  # reader counts: which worker made each batch is in meta
+    assert len(reference) > 25 and workers
+    for taken in [1, 8, len(reference) - 3, len(reference) - 1]:
+        resumed_stats = LoaderStats(num_workers=2, resume=states[taken - 1])
+        loader = build_loader([corpus], "mrfr", config, rank=0, world_size=1, epoch=2, resume=states[taken - 1])
+        resumed, _ = _run(loader, None, resumed_stats)
+        assert resumed == reference[taken:], f"resumed after batch {taken}"
+        assert resumed_stats.totals() == stats.totals() | {k: resumed_stats.totals()[k] for k in
+                                                           ("batches", "real_tokens", "padded_tokens",
+                                                            "padding_fraction")}
+
+
+def test_the_workers_run_out_unevenly_in_that_epoch(corpus):
+    """The previous test covers the uneven end only if the two workers' batch counts differ."""
+    config = LoaderConfig(num_workers=0, split="exact", **SMALL)
+    counts = [sum(1 for _ in TaskStream([corpus], "mrfr", config, rank=r, world_size=2, epoch=2)) for r in (0, 1)]
+    assert counts[0] != counts[1], counts
+
+
+def test_a_saved_place_in_a_shard_the_dataset_no_longer_lists_is_named(corpus, tmp_path):
+    config = LoaderConfig(num_workers=0, split="resampled", **SMALL)
+    stats = LoaderStats()
+    _run(TaskStream([corpus], "mlm", config), 5, stats)
+    state = stats.resume_state()
+    snapshot = state["workers"][0]["snapshot"]
+    location = snapshot["images"][0][0]
+    snapshot["images"] = [(str(tmp_path / "gone.tar"), *ref[1:]) if ref[0] == location else ref
+                          for ref in snapshot["images"]]
+    with pytest.raises(DataError, match="gone.tar.*no longer lists"):
+        next(iter(TaskStream([corpus], "mlm", config, resume=state)))
