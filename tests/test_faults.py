@@ -443,8 +443,12 @@ def test_a_full_disk_during_a_save_says_so_and_leaves_latest_intact(tmp_path, mo
 
 
 def _last_per_step(run_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl by step; after a resume the replayed steps appear again, and the last row counts."""
+    """metrics.jsonl by step."""
     return {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def _steps(log: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in log.read_text().splitlines()]
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
@@ -458,10 +462,12 @@ def test_kill_9_of_a_rank_mid_run_then_resume_ends_where_the_uninterrupted_run_e
     _small_data(tmp_path / "data", 120)
 
     def config(name: str) -> dict:
-        config = _config(tmp_path / name, tmp_path / "data", split="resampled")
+        # Two loader workers per stream and three streams: each resumes where it stood (data.resume exact).
+        config = _config(tmp_path / name, tmp_path / "data", split="resampled", num_workers=2)
+        config["data"]["train"][0]["tasks"] = {"mlm": 2, "itm": 1, "mrc-kl": 1}
         config["optim"]["total_steps"] = 16
         config["checkpoint"] = {"every": 4, "at_end": True, "keep_last": 2}
-        config["tracking"]["log_every"] = 1
+        config["tracking"] = {"log_every": 1, "mlflow": name == "killed"}
         config["export_at_end"] = True
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
         return config
@@ -482,10 +488,28 @@ def test_kill_9_of_a_rank_mid_run_then_resume_ends_where_the_uninterrupted_run_e
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
     killed_at = max(_last_per_step(tmp_path / "killed"))
-    assert killed_at < 16
+    assert 6 <= killed_at < 16
+    run_id = json.loads((tmp_path / "killed" / "mlflow_run.json").read_text())["run_id"]
     resumed = subprocess.run([*command[:4], str(free_port()), *command[5:], "--resume"], cwd=ROOT, env=cpu_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "replaying" not in resumed.stdout + resumed.stderr  # each loader worker restored, nothing re-read
+    assert list((tmp_path / "killed" / "checkpoints").glob("step*/rank1_state.pt"))
+    # The same pairs in every micro-batch of every step on both ranks, each step logged once.
+    for rank in (0, 1):
+        logs = [[json.loads(line) for line in (tmp_path / run / f"rank{rank}.jsonl").read_text().splitlines()]
+                for run in ("straight", "killed")]
+        assert [row["step"] for row in logs[1]] == list(range(1, 17))
+        assert logs[1] == logs[0], f"rank {rank}: other batches after the resume"
+    assert _steps(tmp_path / "killed" / "metrics.jsonl") == list(range(1, 17))
+    # One MLflow run: reopened by the resume, every step in its history, closed as finished.
+    import mlflow
+
+    assert json.loads((tmp_path / "killed" / "result.json").read_text())["mlflow_run_id"] == run_id
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
+    assert {m.step for m in client.get_metric_history(run_id, "loss")} == set(range(1, 17))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] in ("4", "8")
     straight, again = _last_per_step(tmp_path / "straight"), _last_per_step(tmp_path / "killed")
     for step in range(5, 17):
         for key in [k for k in straight[step] if k.startswith("train/")]:
@@ -495,3 +519,22 @@ def test_kill_9_of_a_rank_mid_run_then_resume_ends_where_the_uninterrupted_run_e
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(b[key], a[key], atol=1e-5, err_msg=key)
+
+
+def test_a_rank_waiting_at_start_up_says_what_for(tmp_path):
+    """Rank 0 of a 2-rank job started alone waits for rank 1 at the rendezvous: it says so, naming the
+    address, instead of hanging silently."""
+    import sys
+
+    _small_data(tmp_path / "data", 40)
+    path = tmp_path / "alone.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path / "alone", tmp_path / "data")))
+    port = free_port()
+    env = cpu_env() | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "UNITER_DS_WAIT_NOTICE_S": "2"}
+    with pytest.raises(subprocess.TimeoutExpired) as waited:
+        subprocess.run([sys.executable, "-m", "uniter_ds.train.pretrain", "--config", str(path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=40)
+    stderr = waited.value.stderr
+    stderr = stderr.decode() if isinstance(stderr, bytes) else stderr or ""
+    assert f"rank 0: still waiting for the 2 ranks of the job to join at 127.0.0.1:{port}" in stderr, stderr[-2000:]

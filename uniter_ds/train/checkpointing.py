@@ -90,7 +90,10 @@ def _explained(error: BaseException, root: Path, folder: Path) -> BaseException:
                     + (f"{root / latest} (latest) is intact to resume from" if latest else "no checkpoint yet"))
 
 
-def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last: int,
+         rank_state: dict[str, Any] | None = None) -> Path:
+    """Every rank writes its part, then rank 0 marks the checkpoint complete. ``client_state``: DeepSpeed
+    keeps rank 0's; ``rank_state``: each rank's own (its data places), in ``rank{r}_state.pt``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
     folder = root / tag
@@ -100,6 +103,8 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last:
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+        if rank_state is not None:
+            torch.save(rank_state, folder / f"rank{rank}_state.pt")
     except (RuntimeError, OSError) as error:
         raise _explained(error, root, folder) from error
     _barrier()
@@ -119,7 +124,8 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last:
 
 
 def load(engine, folder: Path) -> dict[str, Any]:
-    """Load model, optimizer, LR schedule and this rank's RNG; return the client state."""
+    """Load model, optimizer, LR schedule and this rank's RNG; return the client state, with this rank's
+    own state under ``"rank"`` where the checkpoint has it."""
     _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None:
@@ -128,4 +134,7 @@ def load(engine, folder: Path) -> dict[str, Any]:
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
+    own = folder / f"rank{rank}_state.pt"
+    if own.exists():
+        client_state = client_state | {"rank": torch.load(own, weights_only=False)}
     return client_state

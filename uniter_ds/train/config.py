@@ -68,9 +68,10 @@ class DataSection:
     masking: str = "conditional"  # conditional | joint
     pad_to_multiple_of: int = 1
     cache_dir: str | None = None  # remote (URL) shards are downloaded here once and read locally after
-    # How a resumed run finds its place in the data: "replay" re-reads the batches already used
-    # (exact, costs reading time); "reseed" starts fresh streams seeded with the step (no re-reading).
-    resume: str = "replay"
+    # How a resumed run finds its place in the data: "exact" restores each loader worker from its saved
+    # place (the same batches as an uninterrupted run, at the same cost at any step); "replay" re-reads
+    # the batches already used (exact, cost grows with the step); "reseed" starts fresh streams.
+    resume: str = "exact"
     # Stop when more than this share of the images read were skipped (bad samples) or lost (corrupt or
     # truncated shards); judged from 1,000 images on and at the end. 0 stops at the first one under skip.
     max_skip_fraction: float = 0.05
@@ -140,7 +141,7 @@ class ExperimentConfig:
                    "data.split": (self.data.split, ("exact", "resampled")),
                    "data.on_error": (self.data.on_error, ("raise", "skip")),
                    "data.masking": (self.data.masking, ("conditional", "joint")),
-                   "data.resume": (self.data.resume, ("replay", "reseed")),
+                   "data.resume": (self.data.resume, ("exact", "replay", "reseed")),
                    "optim.implementation": (self.optim.implementation, ("torch", "deepspeed")),
                    "model.preset": (self.model.preset, ("tiny", "base", "large")),
                    "model.mrc_kl": (self.model.mrc_kl, ("original", "per_region"))}

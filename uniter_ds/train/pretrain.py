@@ -41,10 +41,10 @@ from ..model.kernels import active_kernels
 from ..provenance import device_name, git_commit, git_dirty, package_versions
 from . import checkpointing
 from .config import ExperimentConfig, load_config
-from .distributed import init_distributed
+from .distributed import init_distributed, say_while_waiting
 from .evaluate import evaluate
 from .scheduler import Stream, TaskScheduler
-from .tracking import Tracker
+from .tracking import Tracker, keep_steps_up_to
 
 logger = logging.getLogger("uniter_ds.pretrain")
 
@@ -148,12 +148,15 @@ def num_items(batch: UniterBatch, task: str) -> int:
 
 
 class DataFeed:
-    """One loader per stream, with its place (epoch, batches used) and its reader counts for checkpoints.
+    """One loader per stream, with its place (epoch, batches used, where each loader worker stands) and
+    its reader counts, for checkpoints.
 
-    Resume ``replay``: the loaders are rebuilt with the same seeds and the used batches read again
-    and dropped, so the run continues on exactly the batches it would have seen. ``reseed``: each
-    stream continues with the next epoch's seed and nothing is re-read (for long runs, where replay
-    would take long; the data order then differs from an uninterrupted run).
+    Resume ``exact`` (default): each loader worker is restored from its saved place (the images it
+    held are read again, nothing else: the same cost at any step) and the run continues on exactly the
+    batches it would have seen. ``replay``: the loaders are rebuilt with the same seeds and the used
+    batches read again and dropped (exact too, but the cost grows with the step; what a checkpoint
+    without worker places falls back to). ``reseed``: each stream continues with the next epoch's seed
+    (the data order then differs from an uninterrupted run; for a changed loader setup).
 
     Counts (images read, skipped, lost in corrupt shards, ...) ride on the batches from the loader
     workers; those of loaders already closed (earlier epochs) are kept in ``earlier``."""
@@ -177,25 +180,51 @@ class DataFeed:
         positions = state.get("positions", state if "counts" not in state else {})  # older checkpoints: positions
         counts = state.get("counts", {})
         self.earlier |= counts.get("total" if data.resume == "reseed" else "earlier", {})
+        exact = data.resume == "exact" and "loader" in state
+        if exact:
+            self._check_same_setup(state["loader"])
+        elif data.resume == "exact" and positions and rank == 0:
+            logger.warning("data.resume exact: the checkpoint has no loader worker places (saved by an older "
+                           "version); replaying the batches used instead")
         for name, where in positions.items():
             if name not in self.position:
                 continue  # a stream the new config no longer trains on
             if data.resume == "reseed":
                 self.position[name] = {"epoch": where["epoch"] + 1, "batches": 0}
+                continue
+            self.position[name] = {"epoch": where["epoch"], "batches": where["batches"]}
+            if exact:
+                self._open(name, where.get("workers"))
             else:
-                self.position[name] = dict(where)
                 iterator = self._open(name)
                 for _ in range(where["batches"]):
                     self.stats[name].update(next(iterator))
 
-    def _open(self, name: str) -> Iterator[UniterBatch]:
+    def _setup(self) -> dict[str, Any]:
+        """What the loader workers' places are only valid under."""
+        cfg = self.loader_config
+        return {"world_size": self.world_size, "data.num_workers": cfg.num_workers, "data.split": cfg.split,
+                "seed": cfg.seed, "data.token_budget": cfg.token_budget, "data.shuffle_buffer": cfg.shuffle_buffer,
+                "data.max_text_len": cfg.max_text_len, "data.masking": cfg.masking,
+                "data.pad_to_multiple_of": cfg.pad_to_multiple_of,
+                "data.train paths": {name: list(map(str, paths)) for name, paths in self.paths.items()}}
+
+    def _check_same_setup(self, saved: dict[str, Any]) -> None:
+        now = self._setup()
+        changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
+        if changed:
+            raise DataError(f"data.resume exact continues each loader worker where it stood, which needs the data "
+                            f"setup the checkpoint was saved with; changed: {'; '.join(changed)}. Restore those "
+                            f"settings, or set data.resume: reseed to go on with fresh data streams")
+
+    def _open(self, name: str, resume: dict[str, Any] | None = None) -> Iterator[UniterBatch]:
         if name in self.stats:  # an epoch's loader is done: keep its counts
             totals = self.stats[name].totals()
             self.earlier = {k: self.earlier[k] + totals.get(k, 0) for k in ATTRITION}
-        self.stats[name] = LoaderStats()
+        self.stats[name] = LoaderStats(self.loader_config.num_workers, resume)
         stream = self.streams[name]
         loader = build_loader(self.paths[stream.dataset], stream.task, self.loader_config, rank=self.rank,
-                              world_size=self.world_size, epoch=self.position[name]["epoch"])
+                              world_size=self.world_size, epoch=self.position[name]["epoch"], resume=resume)
         self.iterators[name] = iter(loader)
         return self.iterators[name]
 
@@ -222,9 +251,14 @@ class DataFeed:
         self._reported.update(fresh)
         return fresh
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"positions": {name: dict(where) for name, where in self.position.items()},
-                "counts": {"earlier": dict(self.earlier), "total": self.counts()}}
+    def state_dict(self, workers: bool = True) -> dict[str, Any]:
+        """This rank's place in every stream; ``workers``: with each loader worker's place (exact resume)."""
+        positions = {name: dict(where) for name, where in self.position.items()}
+        if workers:
+            for name, stats in self.stats.items():
+                positions[name]["workers"] = stats.resume_state()
+        state = {"positions": positions, "counts": {"earlier": dict(self.earlier), "total": self.counts()}}
+        return state | ({"loader": self._setup()} if workers else {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,12 +423,18 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
                                if s.dataset == d.name}, seed=config.seed,
                               per_micro_batch=config.task_draw == "micro_batch")
     ds_config = deepspeed_config(config, world, on_gpu)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, config.optim.weight_decay),
-                                           config=ds_config)
+    from .extensions import extensions_dir
+
+    with say_while_waiting(f"DeepSpeed to set up the engine, which loads or builds its ops in {extensions_dir()} "
+                           f"(a build takes ~1 min; a `lock` there that no process holds makes it wait forever: "
+                           f"`uniter-ds prebuild` names it)"):
+        engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                               model_parameters=param_groups(model, config.optim.weight_decay))
     zero_stage = engine.zero_optimization_stage()
     torch.manual_seed(config.seed + 1000 * rank)  # dropout streams differ per rank
 
     start_step, data_state = 0, None
+    resume_clock: dict[str, float] = {}  # a resumed run: how long until its first new step is done
     checkpoint_root = run_dir / "checkpoints"
     if resume not in (None, "latest") and not Path(resume).exists():
         raise FileNotFoundError(f"--resume {resume}: does not exist")
@@ -404,20 +444,24 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
             if rank == 0:
                 logger.info("no complete checkpoint under %s: starting from step 0", checkpoint_root)
         else:
+            resume_clock = {"began": time.perf_counter()}
             client = checkpointing.load(engine, point)
             scheduler.check_state(client["scheduler"])
-            start_step, data_state = client["step"], client["data"]
+            start_step, data_state = client["step"], client.get("rank", {}).get("data", client["data"])
             if rank == 0:
                 logger.info("resumed from %s at step %d", point, start_step)
     elif rank == 0 and (earlier := checkpointing.complete_checkpoints(checkpoint_root)):
         logger.warning("starting from step 0 in %s, which holds an earlier run's checkpoints (%s): this run's "
                        "checkpoints replace them under checkpoint.keep_last; --resume continues that run instead",
                        run_dir, ", ".join(p.name for p in earlier))
+    if resume_clock:
+        resume_clock["loaded"] = time.perf_counter()
     feed = DataFeed(config, streams, rank, world, data_state)
 
     tracker = Tracker(run_dir, enabled=rank == 0, use_mlflow=config.tracking.mlflow,
                       experiment=config.tracking.experiment, tracking_uri=config.tracking.tracking_uri,
-                      run_name=run_dir.name, system_metrics_interval=config.tracking.system_metrics_interval or None)
+                      run_name=run_dir.name, system_metrics_interval=config.tracking.system_metrics_interval or None,
+                      resume_step=start_step if data_state is not None else None)
     tracker.log_params(config.flat() | {"world_size": str(world), "zero_stage": str(zero_stage),
                                         "kernels": json.dumps(active_kernels(model))})
     if rank == 0:
@@ -438,7 +482,10 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
             from tqdm import tqdm
 
             progress = tqdm(total=last_step, initial=start_step, desc="pretrain", dynamic_ncols=True)
-        rank_log = open(run_dir / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - open for the whole run
+        if data_state is not None:  # resumed: the steps after the checkpoint are logged again
+            keep_steps_up_to(run_dir / f"rank{rank}.jsonl", start_step)
+        # Line-buffered: a rank killed mid-run keeps every step it logged (a block buffer lost the last ones).
+        rank_log = open(run_dir / f"rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the whole run
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
         window_first_step = start_step + 1
         val_tasks = sorted({s.task for s in streams})
@@ -460,14 +507,23 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
             return metrics
 
         def save(step: int) -> Path:
-            client = {"step": step, "scheduler": scheduler.state_dict(), "data": feed.state_dict(),
+            client = {"step": step, "scheduler": scheduler.state_dict(), "data": feed.state_dict(workers=False),
                       "config": config.to_dict()}
-            return checkpointing.save(engine, checkpoint_root, step, client, config.checkpoint.keep_last)
+            return checkpointing.save(engine, checkpoint_root, step, client, config.checkpoint.keep_last,
+                                      rank_state={"data": feed.state_dict()})
 
         for step in range(start_step, last_step):
             step_streams = scheduler.for_step(step, config.optim.grad_accum)
             batches = [feed.next(s) for s in step_streams]
             train_step(engine, batches, step_streams, device, comm_device, window, names)
+            if resume_clock and "first_step" not in resume_clock:
+                resume_clock["first_step"] = time.perf_counter()
+                if rank == 0:
+                    logger.info("resumed: step %d done %.1f s after the checkpoint began to load (%.1f s loading "
+                                "it, %.1f s restoring the data streams and making the step)", step + 1,
+                                resume_clock["first_step"] - resume_clock["began"],
+                                resume_clock["loaded"] - resume_clock["began"],
+                                resume_clock["first_step"] - resume_clock["loaded"])
             done = step + 1
             samples = sum(b.batch_size for b in batches)
             tokens = sum(b.meta["real_tokens"] for b in batches)
@@ -536,6 +592,10 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
               "checkpoint": str(checkpoint) if checkpoint else None, "export": str(export) if export else None,
               "mlflow": tracker.tracking_uri, "mlflow_run_id": tracker.run_id, "tracking": tracker.stats,
               "data": {k.removeprefix("data/"): v for k, v in data_totals.items()}}
+    if "first_step" in resume_clock:
+        result["resume"] = {"from_step": start_step, "data_resume": config.data.resume,
+                            "seconds_to_first_step": resume_clock["first_step"] - resume_clock["began"],
+                            "seconds_loading_checkpoint": resume_clock["loaded"] - resume_clock["began"]}
     if rank == 0:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
