@@ -95,6 +95,37 @@ def test_an_unreachable_store_at_start_is_a_warning_too(tmp_path, caplog, monkey
     tracker = Tracker(tmp_path, enabled=True, use_mlflow=True, experiment="e",
                       tracking_uri=f"http://127.0.0.1:{free_port()}", run_name="r")  # nothing listens there
     assert time.monotonic() - start < 20  # MLflow's defaults retried for ~4 minutes first
-    assert "MLflow tracking is off" in caplog.text and tracker.mlflow is None
+    assert "cannot be opened" in caplog.text and "retrying in 5 s" in caplog.text and tracker.run_id is None
     tracker.log_metrics({"loss": 1.0}, step=1)
     assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_store_unreachable_at_start_gets_the_run_and_every_call_once_it_answers(tmp_path, monkeypatch, caplog):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real, attempts = mlflow.set_experiment, []
+
+    def down(*args, **kwargs):
+        attempts.append(1)
+        raise ConnectionError("no route to the tracking server")
+
+    monkeypatch.setattr(mlflow, "set_experiment", down)
+    clock = Clock()
+    tracker = Tracker(tmp_path, enabled=True, use_mlflow=True, experiment="late", tracking_uri=None, run_name="r",
+                      backoff=(5.0, 60.0), clock=clock)
+    assert tracker.run_id is None and attempts == [1]
+    tracker.log_params({"seed": "1"})
+    for step in (1, 2):
+        clock.now += 1.0
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    assert attempts == [1]  # the backoff holds the next try until t=5
+    monkeypatch.setattr(mlflow, "set_experiment", real)
+    clock.now = 6.0
+    tracker.log_metrics({"loss": 0.25}, step=3)
+    assert tracker.run_id is not None and "MLflow tracking is back" in caplog.text
+    tracker.finish()
+    client = mlflow.tracking.MlflowClient(tracker.tracking_uri)
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [1, 2, 3]
+    run = client.get_run(tracker.run_id)
+    assert run.data.params == {"seed": "1"} and run.info.status == "FINISHED"

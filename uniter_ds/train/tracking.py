@@ -12,6 +12,11 @@ later one wait, in order, in a bounded queue, and are retried with exponential b
 to 5 min); when a retry succeeds the queue is delivered and the outage is logged with its length.
 Failures, late deliveries and calls dropped from a full queue are counted (:attr:`Tracker.stats`, in
 the run's result.json); a dropped metric is still in metrics.jsonl.
+
+A resumed run (``resume_step``) continues the record: metrics.jsonl loses the lines after the step it
+resumes from (they are logged again), and the MLflow run whose id ``mlflow_run.json`` in the run
+directory keeps is reopened (MLflow cannot delete metric points: its history shows both values of
+the steps between the checkpoint and the interruption).
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ class Tracker:
     def __init__(self, run_dir: Path, *, enabled: bool, use_mlflow: bool, experiment: str,
                  tracking_uri: str | None, run_name: str, system_metrics_interval: float | None = None,
                  max_pending: int = 10_000, backoff: tuple[float, float] = (5.0, 300.0),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, resume_step: int | None = None):
         self.enabled = enabled
         self.metrics_file = run_dir / "metrics.jsonl"
+        self._logged_params: dict[str, str] = {}  # a reopened run's: MLflow refuses to change a param
         self.mlflow = None
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
@@ -52,6 +58,8 @@ class Tracker:
         self._retry_at: float | None = None  # set while the backend is down
         self._down_since: float | None = None
         self._clock = clock
+        if enabled and resume_step is not None:
+            keep_steps_up_to(self.metrics_file, resume_step)
         if not enabled or not use_mlflow:
             return
         uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
@@ -61,21 +69,47 @@ class Tracker:
             os.environ.setdefault(name, value)
         try:
             import mlflow
+        except ImportError as error:
+            logger.warning("MLflow tracking is off (%r); metrics go to %s only", error, self.metrics_file)
+            return
+        self.mlflow, self.tracking_uri = mlflow, uri
+        self._run = {"run_dir": run_dir, "experiment": experiment, "run_name": run_name,
+                     "system_metrics_interval": system_metrics_interval, "resume_step": resume_step}
+        # Opening the run is the first call in the queue: a store that cannot be reached at the start is
+        # retried on the backoff's schedule like any later call, and gets everything once it answers.
+        self._call("_open_run")
 
-            mlflow.set_tracking_uri(uri)
-            if mlflow.get_experiment_by_name(experiment) is None:
-                artifacts = (run_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-                mlflow.create_experiment(experiment, artifact_location=artifacts)
-            mlflow.set_experiment(experiment)
-            system = system_metrics_interval is not None and _can_sample_system()
-            if system:
-                mlflow.set_system_metrics_sampling_interval(system_metrics_interval)
-                mlflow.set_system_metrics_samples_before_logging(1)
-            self.run_id = mlflow.start_run(run_name=run_name, log_system_metrics=system).info.run_id
-            self.mlflow, self.tracking_uri = mlflow, uri
-        except Exception as error:  # noqa: BLE001 - the store cannot be reached at all: no run to retry into
-            logger.warning("MLflow tracking is off: the store %s cannot be opened (%r); metrics go to %s only",
-                           uri, error, self.metrics_file)
+    def _open_run(self) -> None:
+        mlflow, uri, run = self.mlflow, self.tracking_uri, self._run
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(run["experiment"]) is None:
+            artifacts = (run["run_dir"] / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
+            mlflow.create_experiment(run["experiment"], artifact_location=artifacts)
+        mlflow.set_experiment(run["experiment"])
+        system = run["system_metrics_interval"] is not None and _can_sample_system()
+        if system:
+            mlflow.set_system_metrics_sampling_interval(run["system_metrics_interval"])
+            mlflow.set_system_metrics_samples_before_logging(1)
+        run_file = run["run_dir"] / "mlflow_run.json"
+        resume_step = run["resume_step"]
+        earlier = _earlier_run(run_file, uri) if resume_step is not None else None
+        if earlier is not None:
+            try:
+                mlflow.get_run(earlier)
+            except Exception as error:  # noqa: BLE001 - deleted, or another store under the same URI
+                logger.warning("MLflow: the run directory's earlier run %s is not in the store (%r): a new run",
+                               earlier, error)
+                earlier = None
+        if earlier is not None:
+            self.run_id = mlflow.start_run(run_id=earlier, log_system_metrics=system).info.run_id
+            self._logged_params = dict(mlflow.get_run(earlier).data.params)
+            mlflow.set_tag("resumed_at_step", str(resume_step))
+            logger.info("MLflow: continuing run %s from step %d", earlier, resume_step)
+        else:
+            self.run_id = mlflow.start_run(run_name=run["run_name"], log_system_metrics=system).info.run_id
+            tmp = run_file.with_name(f".{run_file.name}.tmp")
+            tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}) + "\n")
+            tmp.replace(run_file)
 
     # -- the retry machinery ------------------------------------------------------------------------
 
@@ -89,7 +123,8 @@ class Tracker:
 
     def _queue(self, name: str, args: tuple, kwargs: dict) -> None:
         if len(self._pending) >= self._max_pending:
-            self._pending.popleft()
+            opening = self._pending[0][0] == "_open_run"  # kept: nothing else can be delivered without it
+            del self._pending[1 if opening else 0]
             self.stats["dropped"] += 1
         self._pending.append((name, args, kwargs))
 
@@ -98,14 +133,22 @@ class Tracker:
         while self._pending:
             name, args, kwargs = self._pending[0]
             try:
-                getattr(self.mlflow, name)(*args, **kwargs)
+                (getattr(self, name) if name == "_open_run" else getattr(self.mlflow, name))(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - any backend failure: keep the call, retry later
+                if getattr(error, "error_code", None) == "INVALID_PARAMETER_VALUE":  # refused, not failed: a retry
+                    self._pending.popleft()  # would be refused again and hold back every call behind it
+                    self.stats["dropped"] += 1
+                    logger.warning("MLflow refused %s (%s); it is dropped (the metrics are in %s)", name, error,
+                                   self.metrics_file)
+                    continue
                 self.stats["failures"] += 1
                 if not was_down:
                     self.stats["outages"] += 1
                     self._down_since = self._clock()
-                    logger.warning("MLflow tracking failed (%r); retrying in %.0f s, metrics are kept in %s meanwhile",
-                                   error, self._backoff, self.metrics_file)
+                    what = (f"the store {self.tracking_uri} cannot be opened" if name == "_open_run"
+                            else "tracking failed")
+                    logger.warning("MLflow %s (%r); retrying in %.0f s, metrics are kept in %s meanwhile",
+                                   what, error, self._backoff, self.metrics_file)
                 self._retry_at = self._clock() + self._backoff
                 self._backoff = min(self._backoff * 2, self._backoff_max)
                 return False
@@ -123,7 +166,11 @@ class Tracker:
     def log_params(self, params: dict[str, str]) -> None:
         if not self.enabled:
             return
-        items = [(k, v[:6000]) for k, v in params.items()]
+        items = [(k, v[:6000]) for k, v in params.items() if self._logged_params.get(k) != v[:6000]]
+        changed = [k for k, _ in items if k in self._logged_params]
+        if changed:  # a resumed run may differ (world size, kernels): recorded as tags, MLflow keeps params fixed
+            self.set_tags({f"resumed.{k}": v for k, v in items if k in changed})
+            items = [(k, v) for k, v in items if k not in changed]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             self._call("log_params", dict(items[start:start + 100]))
 
@@ -188,6 +235,33 @@ class Tracker:
                            "(the metrics are in %s)", len(self._pending), self.metrics_file)
         if any(self.stats.values()):
             logger.warning("MLflow tracking: %s", self.stats)
+
+
+def keep_steps_up_to(log: Path, step: int) -> None:
+    """Drop the lines of a JSON-lines log after ``step``: a run resumed from there logs those steps again."""
+    if not log.exists():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = log.with_name(f".{log.name}.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(log)
+        logger.info("%s: %d line(s) after step %d dropped (logged again as the run resumes)",
+                    log.name, len(lines) - len(kept), step)
+
+
+def _earlier_run(run_file: Path, uri: str) -> str | None:
+    """The MLflow run this run directory logged to, when it was logged to the same store."""
+    try:
+        saved = json.loads(run_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("tracking_uri") != uri:
+        logger.warning("MLflow: the run directory's earlier run was in %s, this one goes to %s: a new run",
+                       saved.get("tracking_uri"), uri)
+        return None
+    return saved.get("run_id")
 
 
 def _can_sample_system() -> bool:
