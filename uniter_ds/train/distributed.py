@@ -8,10 +8,42 @@ a model, a tensor or a CUDA context is made, and everything after it uses the de
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import threading
+import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("uniter_ds.pretrain")
+
+# After this many seconds a rank still waiting at start-up says what for (UNITER_DS_WAIT_NOTICE_S).
+WAIT_NOTICE_S = 30.0
+
+
+@contextlib.contextmanager
+def say_while_waiting(what: str) -> Iterator[None]:
+    """Log "still waiting for <what>" if the block takes longer than ``UNITER_DS_WAIT_NOTICE_S`` seconds
+    (default 30), and again every minute: a start-up that hangs (a rank that never joins, a build lock)
+    says where instead of nothing."""
+    first = float(os.environ.get("UNITER_DS_WAIT_NOTICE_S", WAIT_NOTICE_S))
+    done, started = threading.Event(), time.monotonic()
+
+    def watch() -> None:
+        wait = first
+        while not done.wait(wait):
+            logger.warning("rank %s: still waiting for %s (%.0f s)", os.environ.get("RANK", "0"), what,
+                           time.monotonic() - started)
+            wait = 60.0
+
+    threading.Thread(target=watch, name="wait-notice", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def local_rank() -> int:
@@ -54,5 +86,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
             os.environ.setdefault(key, value)
     device = rank_device()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        world = os.environ.get("WORLD_SIZE", "1")
+        with say_while_waiting(f"the {world} ranks of the job to join at {os.environ.get('MASTER_ADDR')}:"
+                               f"{os.environ.get('MASTER_PORT')} (a rank or node that did not start, or another "
+                               f"MASTER_ADDR/port on it)"):
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     return dist.get_rank(), dist.get_world_size(), device
