@@ -117,3 +117,32 @@ def test_a_saved_place_in_a_shard_the_dataset_no_longer_lists_is_named(corpus, t
                           for ref in snapshot["images"]]
     with pytest.raises(DataError, match="gone.tar.*no longer lists"):
         next(iter(TaskStream([corpus], "mlm", config, resume=state)))
+
+
+def test_the_training_feed_resumes_exactly_and_refuses_a_changed_data_setup(corpus, tmp_path):
+    """DataFeed (the job's side): its checkpoint state continues each stream with the next batch; a
+    change that moves the workers' places (workers, budget) is refused naming the keys."""
+    import yaml
+
+    from uniter_ds.train.config import load_config
+    from uniter_ds.train.pretrain import DataFeed
+    from uniter_ds.train.scheduler import Stream
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "model": {"preset": "tiny"},
+        "data": {"train": [{"name": "s", "paths": [str(corpus)], "tasks": {"mlm": 1, "itm": 1}}],
+                 "num_workers": 0, "token_budget": 300, "shuffle_buffer": 30}}))
+    config = load_config(path)
+    streams = [Stream("s", "mlm"), Stream("s", "itm")]
+    feed = DataFeed(config, streams, 0, 1)
+    for stream in streams * 3:
+        feed.next(stream)
+    state = copy.deepcopy(feed.state_dict())
+    expected = [feed.next(stream).meta["pairs"] for stream in streams * 2]
+    resumed = DataFeed(config, streams, 0, 1, state)
+    assert [resumed.next(stream).meta["pairs"] for stream in streams * 2] == expected
+    assert resumed.counts() == feed.counts()
+    changed = load_config(path, ["data.num_workers=1", "data.token_budget=400"])
+    with pytest.raises(DataError, match=r"data.num_workers 0 -> 1; data.token_budget 300 -> 400.*data.resume: reseed"):
+        DataFeed(changed, streams, 0, 1, state)
