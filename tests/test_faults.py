@@ -451,71 +451,110 @@ def _steps(log: Path) -> list[int]:
     return [json.loads(line)["step"] for line in log.read_text().splitlines()]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
-def test_kill_9_of_a_rank_mid_run_then_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
+def _resume_config(root: Path, name: str) -> Path:
+    # Two loader workers per stream and three streams: each resumes where it stood (data.resume exact).
+    config = _config(root / name, root / "data", split="resampled", num_workers=2)
+    config["data"]["train"][0]["tasks"] = {"mlm": 2, "itm": 1, "mrc-kl": 1}
+    config["optim"]["total_steps"] = 16
+    config["checkpoint"] = {"every": 4, "at_end": True, "keep_last": 2}
+    config["tracking"] = {"log_every": 1, "mlflow": name != "straight"}
+    config["export_at_end"] = True
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    return root / f"{name}.yaml"
+
+
+@pytest.fixture(scope="module")
+def straight_16_steps(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kill")
+    _small_data(root / "data", 120)
+    config = _resume_config(root, "straight")
+    assert _launch(yaml.safe_load(config.read_text()), config).returncode == 0
+    return root
+
+
+def _kill_rank_during(root: Path, name: str, moment: str) -> None:
+    """Start the job and kill -9 a rank: mid-step (rank 1, after step 6, between the checkpoints of steps
+    4 and 8) or mid-save (rank 0, the moment step 8's checkpoint folder appears, before it is complete)."""
     import os
     import signal
+    import time
 
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    _small_data(tmp_path / "data", 120)
-
-    def config(name: str) -> dict:
-        # Two loader workers per stream and three streams: each resumes where it stood (data.resume exact).
-        config = _config(tmp_path / name, tmp_path / "data", split="resampled", num_workers=2)
-        config["data"]["train"][0]["tasks"] = {"mlm": 2, "itm": 1, "mrc-kl": 1}
-        config["optim"]["total_steps"] = 16
-        config["checkpoint"] = {"every": 4, "at_end": True, "keep_last": 2}
-        config["tracking"] = {"log_every": 1, "mlflow": name == "killed"}
-        config["export_at_end"] = True
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
-        return config
-
-    assert _launch(config("straight"), tmp_path / "straight.yaml").returncode == 0
-    config("killed")
     command = [deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-               "uniter_ds.train.pretrain", "--config", str(tmp_path / "killed.yaml")]
+               "uniter_ds.train.pretrain", "--config", str(root / f"{name}.yaml")]
     runner = subprocess.Popen(command, cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     try:
-        complete = tmp_path / "killed" / "checkpoints" / "step00000004" / "complete.json"
-        _wait_until(lambda: complete.exists() and len(_last_per_step(tmp_path / "killed")) >= 6, runner,
-                    "the job did not get past step 6", every=0.05)
-        os.kill(_rank_pid(runner.pid, 1), signal.SIGKILL)  # mid-step: between checkpoints 4 and 8
+        checkpoints = root / name / "checkpoints"
+        if moment == "mid-step":
+            past_step_6 = lambda: (checkpoints / "step00000004" / "complete.json").exists() and len(  # noqa: E731
+                _last_per_step(root / name)) >= 6
+            _wait_until(past_step_6, runner, "the job did not get past step 6", every=0.05)
+            os.kill(_rank_pid(runner.pid, 1), signal.SIGKILL)
+        else:
+            _wait_until(lambda: (checkpoints / "step00000004" / "complete.json").exists(), runner, "no step 4")
+            rank0 = _rank_pid(runner.pid, 0)
+            saving = checkpoints / "step00000008"
+            deadline = time.monotonic() + 120
+            while not saving.exists():  # a tiny model's save takes tens of ms: look every millisecond
+                assert runner.poll() is None and time.monotonic() < deadline, "no save at step 8"
+                time.sleep(0.001)
+            os.kill(rank0, signal.SIGKILL)
         assert runner.wait(timeout=60) != 0
     finally:
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
-    killed_at = max(_last_per_step(tmp_path / "killed"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
+@pytest.mark.parametrize("moment", ["mid-step", "mid-save"])
+def test_kill_9_of_a_rank_then_resume_ends_where_the_uninterrupted_run_ends(straight_16_steps, moment):
+    import mlflow
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    root, name = straight_16_steps, f"killed-{moment}"
+    for _attempt in range(3):  # mid-save: the kill may land after the save completed; then again
+        shutil.rmtree(root / name, ignore_errors=True)
+        _resume_config(root, name)
+        _kill_rank_during(root, name, moment)
+        if moment == "mid-step" or not (root / name / "checkpoints" / "step00000008" / "complete.json").exists():
+            break
+    else:
+        pytest.fail("three kills missed step 8's save")
+    if moment == "mid-save":
+        assert (root / name / "checkpoints" / "step00000008").is_dir()  # half-written, no marker
+    killed_at = max(_last_per_step(root / name))
     assert 6 <= killed_at < 16
-    run_id = json.loads((tmp_path / "killed" / "mlflow_run.json").read_text())["run_id"]
-    resumed = subprocess.run([*command[:4], str(free_port()), *command[5:], "--resume"], cwd=ROOT, env=cpu_env(),
-                             capture_output=True, text=True, timeout=600)
+    run_id = json.loads((root / name / "mlflow_run.json").read_text())["run_id"]
+    command = [deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+               "uniter_ds.train.pretrain", "--config", str(root / f"{name}.yaml"), "--resume"]
+    resumed = subprocess.run(command, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "replaying" not in resumed.stdout + resumed.stderr  # each loader worker restored, nothing re-read
-    assert list((tmp_path / "killed" / "checkpoints").glob("step*/rank1_state.pt"))
+    log = resumed.stdout + resumed.stderr
+    # Mid-save: the last complete checkpoint is step 4's; mid-step: 4 or 8, by how far the job had got.
+    resumed_at = ("4",) if moment == "mid-save" else ("4", "8")
+    assert any(f"at step {step}" in log for step in resumed_at) and "resumed from" in log
+    assert "replaying" not in log  # each loader worker restored, nothing re-read
+    assert list((root / name / "checkpoints").glob("step*/rank1_state.pt"))
     # The same pairs in every micro-batch of every step on both ranks, each step logged once.
     for rank in (0, 1):
-        logs = [[json.loads(line) for line in (tmp_path / run / f"rank{rank}.jsonl").read_text().splitlines()]
-                for run in ("straight", "killed")]
+        logs = [[json.loads(line) for line in (root / run / f"rank{rank}.jsonl").read_text().splitlines()]
+                for run in ("straight", name)]
         assert [row["step"] for row in logs[1]] == list(range(1, 17))
         assert logs[1] == logs[0], f"rank {rank}: other batches after the resume"
-    assert _steps(tmp_path / "killed" / "metrics.jsonl") == list(range(1, 17))
+    assert _steps(root / name / "metrics.jsonl") == list(range(1, 17))
     # One MLflow run: reopened by the resume, every step in its history, closed as finished.
-    import mlflow
-
-    assert json.loads((tmp_path / "killed" / "result.json").read_text())["mlflow_run_id"] == run_id
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
+    assert json.loads((root / name / "result.json").read_text())["mlflow_run_id"] == run_id
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / name / 'mlflow.db'}")
     assert {m.step for m in client.get_metric_history(run_id, "loss")} == set(range(1, 17))
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] in ("4", "8")
-    straight, again = _last_per_step(tmp_path / "straight"), _last_per_step(tmp_path / "killed")
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] in resumed_at
+    straight, again = _last_per_step(root / "straight"), _last_per_step(root / name)
     for step in range(5, 17):
         for key in [k for k in straight[step] if k.startswith("train/")]:
             assert again[step][key] == pytest.approx(straight[step][key], rel=1e-5, abs=1e-7), (step, key)
-    a = load_file(str(tmp_path / "straight" / "export" / "hf" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "export" / "hf" / "model.safetensors"))
+    a = load_file(str(root / "straight" / "export" / "hf" / "model.safetensors"))
+    b = load_file(str(root / name / "export" / "hf" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(b[key], a[key], atol=1e-5, err_msg=key)
