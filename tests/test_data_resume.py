@@ -146,3 +146,14 @@ def test_the_training_feed_resumes_exactly_and_refuses_a_changed_data_setup(corp
     changed = load_config(path, ["data.num_workers=1", "data.token_budget=400"])
     with pytest.raises(DataError, match=r"data.num_workers 0 -> 1; data.token_budget 300 -> 400.*data.resume: reseed"):
         DataFeed(changed, streams, 0, 1, state)
+
+
+def test_a_consumer_that_skipped_batches_counts_but_cannot_give_a_resume_state(corpus):
+    config = LoaderConfig(num_workers=0, split="resampled", **SMALL)
+    stream = iter(TaskStream([corpus], "mlm", config))
+    next(stream)  # the first batch carries the snapshot: a warm-up that skips it
+    stats = LoaderStats()
+    stats.update(next(stream))
+    assert stats.totals()["batches"] == 1
+    with pytest.raises(RuntimeError, match=r"loader workers \[0\].*not known"):
+        stats.resume_state()
