@@ -119,7 +119,7 @@ def test_a_saved_place_in_a_shard_the_dataset_no_longer_lists_is_named(corpus, t
         next(iter(TaskStream([corpus], "mlm", config, resume=state)))
 
 
-def test_the_training_feed_resumes_exactly_and_refuses_a_changed_data_setup(corpus, tmp_path):
+def test_the_training_feed_resumes_exactly_and_refuses_a_changed_data_setup(corpus, tmp_path, caplog):
     """DataFeed (the job's side): its checkpoint state continues each stream with the next batch; a
     change that moves the workers' places (workers, budget) is refused naming the keys."""
     import yaml
@@ -143,6 +143,15 @@ def test_the_training_feed_resumes_exactly_and_refuses_a_changed_data_setup(corp
     resumed = DataFeed(config, streams, 0, 1, state)
     assert [resumed.next(stream).meta["pairs"] for stream in streams * 2] == expected
     assert resumed.counts() == feed.counts()
+    # Rank 0's light copy (DeepSpeed's client state: no worker places), as a rank whose own file is gone
+    # gets it: replayed, with a warning, to the same batches.
+    light = copy.deepcopy(state)
+    for where in light["positions"].values():
+        del where["workers"]
+    with caplog.at_level("WARNING", logger="uniter_ds.pretrain"):
+        replayed = DataFeed(config, streams, 0, 1, light)
+    assert "replaying its 3 batches" in caplog.text
+    assert [replayed.next(stream).meta["pairs"] for stream in streams * 2] == expected
     changed = load_config(path, ["data.num_workers=1", "data.token_budget=400"])
     with pytest.raises(DataError, match=r"data.num_workers 0 -> 1; data.token_budget 300 -> 400.*data.resume: reseed"):
         DataFeed(changed, streams, 0, 1, state)

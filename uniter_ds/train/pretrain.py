@@ -43,6 +43,7 @@ from . import checkpointing
 from .config import ExperimentConfig, load_config
 from .distributed import init_distributed, say_while_waiting
 from .evaluate import evaluate
+from .extensions import extensions_dir
 from .scheduler import Stream, TaskScheduler
 from .tracking import Tracker, keep_steps_up_to
 
@@ -180,12 +181,8 @@ class DataFeed:
         positions = state.get("positions", state if "counts" not in state else {})  # older checkpoints: positions
         counts = state.get("counts", {})
         self.earlier |= counts.get("total" if data.resume == "reseed" else "earlier", {})
-        exact = data.resume == "exact" and "loader" in state
-        if exact:
+        if data.resume == "exact" and "loader" in state:
             self._check_same_setup(state["loader"])
-        elif data.resume == "exact" and positions and rank == 0:
-            logger.warning("data.resume exact: the checkpoint has no loader worker places (saved by an older "
-                           "version); replaying the batches used instead")
         for name, where in positions.items():
             if name not in self.position:
                 continue  # a stream the new config no longer trains on
@@ -193,9 +190,13 @@ class DataFeed:
                 self.position[name] = {"epoch": where["epoch"] + 1, "batches": 0}
                 continue
             self.position[name] = {"epoch": where["epoch"], "batches": where["batches"]}
-            if exact:
+            if data.resume == "exact" and ("workers" in where or not where["batches"]):
                 self._open(name, where.get("workers"))
             else:
+                if data.resume == "exact":
+                    logger.warning("data.resume exact: rank %d's checkpoint state has no loader worker places for "
+                                   "%s (saved by an older version, or its rank file is gone); replaying its %d "
+                                   "batches instead", rank, name, where["batches"])
                 iterator = self._open(name)
                 for _ in range(where["batches"]):
                     self.stats[name].update(next(iterator))
@@ -257,8 +258,8 @@ class DataFeed:
         if workers:
             for name, stats in self.stats.items():
                 positions[name]["workers"] = stats.resume_state()
-        state = {"positions": positions, "counts": {"earlier": dict(self.earlier), "total": self.counts()}}
-        return state | ({"loader": self._setup()} if workers else {})
+        return {"positions": positions, "counts": {"earlier": dict(self.earlier), "total": self.counts()},
+                "loader": self._setup()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,8 +424,6 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
                                if s.dataset == d.name}, seed=config.seed,
                               per_micro_batch=config.task_draw == "micro_batch")
     ds_config = deepspeed_config(config, world, on_gpu)
-    from .extensions import extensions_dir
-
     with say_while_waiting(f"DeepSpeed to set up the engine, which loads or builds its ops in {extensions_dir()} "
                            f"(a build takes ~1 min; a `lock` there that no process holds makes it wait forever: "
                            f"`uniter-ds prebuild` names it)"):
