@@ -81,6 +81,8 @@ class Tracker:
 
     def _open_run(self) -> None:
         mlflow, uri, run = self.mlflow, self.tracking_uri, self._run
+        if self.run_id is not None and mlflow.active_run() is not None:  # opened, then a later call here failed
+            return
         mlflow.set_tracking_uri(uri)
         if mlflow.get_experiment_by_name(run["experiment"]) is None:
             artifacts = (run["run_dir"] / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
