@@ -35,7 +35,8 @@ def random_sample(config: UniterConfig, txt_len: int, num_regions: int, generato
     }
 
 
-def collate(samples: list[dict], itm_targets: list[int] | None = None) -> UniterBatch:
+def collate(samples: list[dict], itm_targets: list[int] | None = None, pack_row_len: int | None = None
+            ) -> UniterBatch:
     return build_batch(
         [s["input_ids"] for s in samples],
         [s["img_feat"] for s in samples],
@@ -44,6 +45,7 @@ def collate(samples: list[dict], itm_targets: list[int] | None = None) -> Uniter
         img_masks=[s["img_masks"] for s in samples],
         img_soft_labels=[s["img_soft_labels"] for s in samples],
         itm_targets=itm_targets if itm_targets is not None else [1] * len(samples),
+        pack_row_len=pack_row_len,
     )
 
 

@@ -7,6 +7,11 @@ Per sample the encoder sees ``[CLS] w1 .. wn [SEP] r1 .. rk`` with padding only 
 
 Everything that needs a host-side length (L, the masked positions) is computed here, on the CPU,
 by :func:`build_batch`, so the forward pass itself never synchronises with the host.
+
+The packed layout (``pack_row_len``): the encoder runs the samples packed into rows of a fixed length
+(first-fit decreasing, no sample split), each token attending only to its own sample's tokens
+(``pack_segments``); the embeddings before it and the heads after it see the compact layout. With a
+row length fixed for a run, the encoder's shapes vary only in the number of rows.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class UniterBatch:
     mrm_img_index: Tensor | None = None  # [R] long: flat index into [B * Ni] of the same regions
     mrm_soft_labels: Tensor | None = None  # [R, img_label_dim]: detector class distributions at those regions
     itm_targets: Tensor | None = None  # [B] long: 1 = matched pair, 0 = swapped image
+    # The packed layout, when asked for: R rows of a fixed length Lr.
+    pack_index: Tensor | None = None  # [R, Lr] long: flat index into [B * L] of the token in each row slot
+    pack_segments: Tensor | None = None  # [R, Lr] long: the slot's sample (index in the batch), -1 on padding
+    unpack_index: Tensor | None = None  # [B, L] long: flat index into [R * Lr] of each compact position
     meta: dict | None = None  # what the data path knows about the batch (ids, token counts, reader stats)
 
     @property
@@ -68,7 +77,8 @@ class UniterBatch:
         return int(self.attn_mask.sum())
 
     def padded_tokens(self) -> int:
-        return self.attn_mask.numel()
+        """The tokens the encoder runs, padding included: [B, L], or [R, Lr] packed."""
+        return self.attn_mask.numel() if self.pack_index is None else self.pack_index.numel()
 
 
 def _pad_stack(tensors: Sequence[Tensor], length: int, fill: float = 0) -> Tensor:
@@ -89,6 +99,7 @@ def build_batch(
     img_soft_labels: Sequence[Tensor] | None = None,
     itm_targets: Sequence[int] | Tensor | None = None,
     pad_to_multiple_of: int = 1,
+    pack_row_len: int | None = None,
 ) -> UniterBatch:
     """Collate per-sample tensors into a :class:`UniterBatch`.
 
@@ -121,7 +132,7 @@ def build_batch(
         mrm_soft_labels=(torch.cat([soft[mask.bool()] for soft, mask in zip(img_soft_labels, img_masks)])
                          if img_soft_labels is not None and img_masks is not None else None),
         itm_targets=torch.as_tensor(itm_targets, dtype=torch.long) if itm_targets is not None else None,
-        pad_to_multiple_of=pad_to_multiple_of,
+        pad_to_multiple_of=pad_to_multiple_of, pack_row_len=pack_row_len,
     )
 
 
@@ -137,10 +148,12 @@ def batch_from_padded(
     mrm_soft_labels: Tensor | None = None,
     itm_targets: Tensor | None = None,
     pad_to_multiple_of: int = 1,
+    pack_row_len: int | None = None,
 ) -> UniterBatch:
     """The batch from text and regions already padded separately ([B, Lt], [B, Ni, ...]) + their lengths:
     adds the compact-layout index and the flat positions of the MLM / MRM targets.
-    ``mrm_soft_labels``: the soft labels of the masked regions only, in row-major (sample, region) order."""
+    ``mrm_soft_labels``: the soft labels of the masked regions only, in row-major (sample, region) order.
+    ``pack_row_len``: also the packed layout's index, rows of that many tokens."""
     batch, max_txt = input_ids.shape
     max_img = img_feat.size(1)
     seq_len = int((txt_lens + img_lens).max())
@@ -166,7 +179,35 @@ def batch_from_padded(
         rows, cols = img_masks.nonzero(as_tuple=True)
         out.mrm_positions = rows * seq_len + txt_lens[rows] + cols
         out.mrm_img_index = rows * max_img + cols
+    if pack_row_len is not None:
+        out.pack_index, out.pack_segments, out.unpack_index = pack_plan((txt_lens + img_lens).tolist(), seq_len,
+                                                                        pack_row_len)
     return out
+
+
+def pack_plan(lengths: Sequence[int], seq_len: int, row_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Samples of ``lengths`` (compact layout, ``seq_len`` per sample) into rows of ``row_len`` slots,
+    first-fit decreasing: (pack_index [R, Lr], pack_segments [R, Lr], unpack_index [B, L])."""
+    if max(lengths) > row_len:
+        raise ValueError(f"pack_row_len {row_len} is shorter than a sample of {max(lengths)} tokens (text + "
+                         f"regions); raise data.pack_row_len to at least the longest sample")
+    free: list[int] = []  # per row, the slots left
+    placed: list[tuple[int, int]] = [(0, 0)] * len(lengths)  # per sample: (row, first slot)
+    for sample in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, left in enumerate(free) if left >= lengths[sample]), len(free))
+        if row == len(free):
+            free.append(row_len)
+        placed[sample] = (row, row_len - free[row])
+        free[row] -= lengths[sample]
+    pack_index = torch.zeros(len(free), row_len, dtype=torch.long)
+    segments = torch.full((len(free), row_len), -1, dtype=torch.long)
+    unpack_index = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    for sample, ((row, start), length) in enumerate(zip(placed, lengths)):
+        slots = torch.arange(start, start + length)
+        pack_index[row, slots] = sample * seq_len + torch.arange(length)
+        segments[row, slots] = sample
+        unpack_index[sample, :length] = row * row_len + slots
+    return pack_index, segments, unpack_index
 
 
 def batch_from_masks(

@@ -164,7 +164,9 @@ class Encoder(nn.Module):
             layer.compile(dynamic=True)
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        key_mask = attn_mask[:, None, None, :]  # [B, 1, 1, L]: every query sees the real keys
+        """``attn_mask``: [B, L] (True on real tokens: every query sees them), or [B, L, L] (which keys each
+        query sees: the packed layout's block diagonal)."""
+        key_mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask[:, None]
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, key_mask, use_reentrant=False)
@@ -293,7 +295,14 @@ class UniterModel(UniterPreTrainedModel):
         )
         both = torch.cat([text, regions], dim=1)
         index = batch.gather_index.unsqueeze(-1).expand(-1, -1, both.size(-1))
-        x = self.encoder(torch.gather(both, 1, index), batch.attn_mask)
+        x = torch.gather(both, 1, index)
+        if batch.pack_index is None:
+            x = self.encoder(x, batch.attn_mask)
+        else:  # rows of several samples, each token attending to its own sample's only
+            hidden = x.size(-1)
+            segments = batch.pack_segments
+            rows = self.encoder(x.reshape(-1, hidden)[batch.pack_index], segments.unsqueeze(2) == segments.unsqueeze(1))
+            x = rows.reshape(-1, hidden)[batch.unpack_index]
         pooled = torch.tanh(self.pooler(x[:, 0]))
 
         max_txt, max_img = batch.input_ids.size(1), batch.img_feat.size(1)
