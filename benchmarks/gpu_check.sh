@@ -67,14 +67,14 @@ if [ "$mode" = gpu ]; then
     preset=large; budgets="8192 16384 32768 49152"; one=32768
     steps=(--batches 1 --windows 2 --steps 4)
     tests=(tests/test_gpu.py tests/test_kernels_and_cli.py -k "not model_info_command")
-    limits=(200 140 45 60 80)
+    limits=(200 140 45 60 80 45)
 else
     export PYTHONPATH=$PWD
     export DS_ACCELERATOR=cpu
     preset=tiny; budgets="512 1024"; one=1024
     steps=(--batches 1 --windows 1 --steps 2)
     tests=(tests/test_gpu.py)  # skipped here: the dry run checks the plumbing, CI runs the CPU tests
-    limits=(150 300 300 300 300)
+    limits=(150 300 300 300 300 300)
 fi
 bench=($python -m uniter_ds.cli bench)
 common=(--preset $preset --zero 2 --data-dir "$work/data" --no-plots "${steps[@]}")
@@ -100,6 +100,11 @@ done
 step shards "${limits[3]}" "${bench[@]}" train "${common[@]}" --token-budget $one --source shards --workers 2 \
     --out "$OUT/shards.json"
 reports+=("$OUT/shards.json")
+# The packed layout (issue 15): rows of 256 tokens (a sample is at most 62 + 100), block-diagonal attention.
+# Its report travels in results.tar.gz and summary.json ($OUT holds at most 8 files).
+step packed "${limits[5]}" "${bench[@]}" train "${common[@]}" --token-budget $one --layout packed --pack-row-len 256 \
+    --out "$work/packed.json"
+reports+=("$work/packed.json")
 if $python -c "import sys; from uniter_ds.model.modeling import MIN_TORCH_FOR_COMPILE, torch_version
 sys.exit(torch_version() < MIN_TORCH_FOR_COMPILE)"; then
     step compiled "${limits[4]}" "${bench[@]}" train "${common[@]}" --token-budget $one --compile \
@@ -115,4 +120,4 @@ tar -czf "$OUT/results.tar.gz" -C "$work" --exclude=data --exclude=torch-extensi
 cat "$work/summary.txt"
 grep -E "^== " "$log"
 # The check fails when a step failed: the log says which.
-! grep -qE "^== (tests|syncs|compare|zero[01]|shards|compiled): exit [^0]" "$log"
+! grep -qE "^== (tests|syncs|compare|zero[01]|shards|packed|compiled): exit [^0]" "$log"

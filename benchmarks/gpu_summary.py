@@ -30,6 +30,8 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
         variant.append("act. ckpt")
     if settings.get("source", "memory") != "memory":
         variant.append(f"from {settings['source']}")
+    if settings.get("pack_row_len"):
+        variant.append(f"packed {settings['pack_row_len']}")
     rows = []
     for run in report.get("runs", []):
         for system in ("ours", "baseline"):
@@ -46,6 +48,7 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
                         "tokens_per_s": round(result["tokens_per_s"]),
                         "tflops": round(result["tflops"], 1), "mfu": result["mfu"],
                         "step_s": round(result["step_time_s"]["median"], 4),
+                        "warmup_first_step_s": round(result.get("warmup", {}).get("first_step_s") or 0, 2),
                         "device_peak_gb": round(result["memory"].get("device_peak_gb", float("nan")), 1),
                         "kernels": result.get("kernels", {})}
                 if "speedup_samples_per_s" in run and system == "ours":

@@ -104,6 +104,8 @@ def test_bench_cli_writes_every_field(tmp_path, command):
     for run in report["runs"]:
         ours = run["ours"]
         assert set(ours) >= FIELDS and ours["steps"] == 2
+        assert ours["warmup"]["steps"] == 4 and 0 < ours["warmup"]["first_step_s"] <= ours["warmup"]["seconds"]
+        assert ours["compile_s"] is None  # not compiled
         assert ours["peak"]["what"].startswith("CPU: measured fp32")
         assert 0 <= ours["padding_fraction"] < 1 and ours["tflops"] > 0
         # The warm-up ran each of the 4 tasks' pre-built batches once; then the tasks take turns again.
@@ -372,5 +374,5 @@ def test_gpu_check_dry_run(tmp_path):
     # the baseline is plain PyTorch (no ZeRO stage)
     assert {(row["system"], row["variant"], row["zero"]) for row in rows if row["status"] == "ok"} == {
         ("ours", "eager", 2), ("baseline", "eager", None), ("ours", "eager", 1), ("ours", "eager", 0),
-        ("ours", "from shards", 2), ("ours", "compiled", 2)}
+        ("ours", "from shards", 2), ("ours", "compiled", 2), ("ours", "packed 256", 2)}
     assert all(row["status"] == "ok" for row in rows)

@@ -29,7 +29,8 @@ def _settings(args: argparse.Namespace, token_budget: int) -> Any:
         workers=args.workers, batches=args.batches, min_regions=args.min_regions, max_regions=args.max_regions,
         warmup=args.warmup, windows=args.windows, steps=args.steps, compile=args.compile, layer_norm=args.layer_norm,
         sdpa_backend=args.sdpa_backend, activation_checkpointing=args.activation_checkpointing,
-        profile_steps=args.profile, optimizer=args.optimizer, deepspeed_config=args.deepspeed_config)
+        profile_steps=args.profile, optimizer=args.optimizer, deepspeed_config=args.deepspeed_config,
+        pack_row_len=args.pack_row_len if args.layout == "packed" else None)
 
 
 def _without_launcher_options(argv: list[str]) -> list[str]:
@@ -83,6 +84,9 @@ def _print_run(run: dict[str, Any]) -> None:
               f"{row['mean_real_tokens_per_micro_batch']:>9.0f} {100 * row['padding_fraction']:>7.1f}% "
               f"{row['step_time_s']['median']:>8.3f}s {row['tflops']:>8.3f} {mfu:>7} {memory:>7.2f}GB")
     ours = run.get("ours", {})
+    if ours.get("status") == "ok" and ours.get("compile_s") is not None:
+        print(f"  ours: torch.compile ~{ours['compile_s']:.1f} s in the first step "
+              f"({ours['warmup']['first_step_s']:.1f} s), not in the timed steps")
     if ours.get("status") == "ok" and ours["world_size"] > 1:
         print(f"  ours, {ours['world_size']} ranks in total: {ours['total_samples_per_s']:.1f} samples/s")
     if "speedup_samples_per_s" in run:
@@ -292,6 +296,9 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--windows", type=int, default=3, help="timed windows")
         sub.add_argument("--steps", type=int, default=4, help="optimizer steps per timed window")
         sub.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
+        sub.add_argument("--layout", choices=["padded", "packed"], default="padded",
+                         help="ours: micro-batches as [samples, longest], or packed into rows of --pack-row-len")
+        sub.add_argument("--pack-row-len", type=int, default=256, help="tokens per row of the packed layout")
         sub.add_argument("--layer-norm", choices=["auto", "torch", "apex"], default="auto")
         sub.add_argument("--sdpa-backend", choices=["auto", "math", "flash", "efficient", "cudnn"], default="auto")
         sub.add_argument("--profile", type=int, default=0, metavar="STEPS",

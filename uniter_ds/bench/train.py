@@ -82,6 +82,7 @@ class BenchSettings:
     profile_steps: int = 0  # extra steps under torch.profiler after the timed windows
     optimizer: str = "torch"  # torch: torch's fused AdamW | deepspeed: DeepSpeed's FusedAdam (JIT-built)
     deepspeed_config: str | None = None  # a DeepSpeed JSON (precision and ZeRO stage are read from it)
+    pack_row_len: int | None = None  # ours in the packed layout, rows of this many tokens; None: padded
 
     def __post_init__(self) -> None:
         checks = {"precision": self.precision in ("bf16", "fp16", "fp32"), "zero_stage": self.zero_stage in range(4),
@@ -90,7 +91,8 @@ class BenchSettings:
                                                                                                      "apex"),
                   "warmup": self.warmup >= 0, "windows": self.windows >= 1, "steps": self.steps >= 1,
                   "batches": self.batches >= 1, "tasks": bool(self.tasks),
-                  "optimizer": self.optimizer in ("torch", "deepspeed")}
+                  "optimizer": self.optimizer in ("torch", "deepspeed"),
+                  "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError("bench settings: invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
@@ -190,7 +192,8 @@ def dataset_folder(settings: BenchSettings, config: UniterConfig) -> Path:
 
 def make_batches(config: UniterConfig, tasks: list[str], token_budget: int, count: int, *,
                  min_regions: int = 10, max_regions: int = 100, seed: int = 0,
-                 data_dir: str | Path | None = None, data: str | None = None) -> list[tuple[str, UniterBatch]]:
+                 data_dir: str | Path | None = None, data: str | None = None,
+                 pack_row_len: int | None = None) -> list[tuple[str, UniterBatch]]:
     """``count`` batches per task, kept in memory."""
     settings = BenchSettings(token_budget=token_budget, batches=count, min_regions=min_regions,
                              max_regions=max_regions, data_dir=str(data_dir) if data_dir else None, data=data)
@@ -198,7 +201,7 @@ def make_batches(config: UniterConfig, tasks: list[str], token_budget: int, coun
     out = []
     for task in tasks:
         stream = TaskStream([folder], task, LoaderConfig(token_budget=token_budget, split="resampled", seed=seed,
-                                                         num_workers=0, max_text_len=None))
+                                                         num_workers=0, max_text_len=None, pack_row_len=pack_row_len))
         iterator = iter(stream)
         out += [(task, next(iterator)) for _ in range(count)]
     return out
@@ -211,7 +214,7 @@ def step_batches(settings: BenchSettings, config: UniterConfig, device: torch.de
         batches = make_batches(config, settings.tasks, settings.token_budget,
                                settings.batches * settings.accumulation, min_regions=settings.min_regions,
                                max_regions=settings.max_regions, seed=rank, data_dir=settings.data_dir,
-                               data=settings.data)
+                               data=settings.data, pack_row_len=settings.pack_row_len)
         by_task: dict[str, list[UniterBatch]] = defaultdict(list)
         for task, batch in batches:
             by_task[task].append(batch.to(device))
@@ -222,7 +225,7 @@ def step_batches(settings: BenchSettings, config: UniterConfig, device: torch.de
         return
     folder = dataset_folder(settings, config)
     loader_config = LoaderConfig(token_budget=settings.token_budget, split="resampled", seed=rank,
-                                 num_workers=settings.workers, max_text_len=None)
+                                 num_workers=settings.workers, max_text_len=None, pack_row_len=settings.pack_row_len)
     streams = {task: iter(build_loader([folder], task, loader_config, rank=rank, world_size=world))
                for task in settings.tasks}
     for task in itertools.cycle(settings.tasks):
@@ -276,13 +279,21 @@ def measure(step: Callable[[str, list[UniterBatch]], None], feed: Iterator[tuple
     With pre-built batches the warm-up runs each of them at least once: on a GPU the first step of a
     new shape pays one-off costs (cuDNN attention builds an execution plan per shape, the caching
     allocator grows, cuBLAS picks kernels), which the first GPU run showed as a 3x slower first
-    window. What a stream of ever-new shapes costs is measured with ``source="shards"``."""
+    window. What a stream of ever-new shapes costs is measured with ``source="shards"``.
+
+    The warm-up is timed apart (``warmup``): its first step pays torch.compile's compilation (with
+    ``compile``), which ``compile_s`` estimates as that step's time less a timed step's median."""
     warmup = settings.warmup
     if settings.source == "memory":
         warmup = max(warmup, settings.batches * len(settings.tasks))
-    for _ in range(warmup):
+    warm_start, first_step = time.perf_counter(), None
+    for index in range(warmup):
         step(*next(feed))
+        if index == 0:
+            synchronize(device)
+            first_step = time.perf_counter() - warm_start
     synchronize(device)
+    warm_seconds = time.perf_counter() - warm_start
     reset_memory(device)
     step_times: list[float] = []
     per_task: dict[str, list[float]] = defaultdict(list)
@@ -327,6 +338,9 @@ def measure(step: Callable[[str, list[UniterBatch]], None], feed: Iterator[tuple
         "window_samples_per_s": window_rates,
         "tflops": flops / total / 1e12,
         "per_task_step_time_s": {task: statistics.median(times) for task, times in per_task.items()},
+        "warmup": {"steps": warmup, "seconds": warm_seconds, "first_step_s": first_step},
+        "compile_s": (max(0.0, first_step - statistics.median(step_times))
+                      if settings.compile and first_step is not None else None),
     }
 
 
@@ -547,7 +561,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision, torch.float32)
     with kernel_choice(settings):
         ran = attention_backend(config.num_attention_heads, config.head_dim, config.attention_probs_dropout_prob,
-                                device, dtype, settings.sdpa_backend)
+                                device, dtype, settings.sdpa_backend, packed=settings.pack_row_len is not None)
         torch.manual_seed(0)
         model = UniterForPretraining(config)
         model.uniter.encoder.activation_checkpointing = settings.activation_checkpointing
@@ -559,6 +573,8 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
         comm = device if on_gpu else torch.device("cpu")
         kernels = active_kernels(model) | {"sdpa_backend_requested": settings.sdpa_backend,
                                            "sdpa_backend_ran": ran, "torch.compile": str(settings.compile),
+                                           "layout": (f"packed, rows of {settings.pack_row_len}"
+                                                      if settings.pack_row_len else "padded"),
                                            "optimizer": type(engine.optimizer).__name__,
                                            "adamw": settings.optimizer}
 
@@ -640,7 +656,7 @@ def bench_baseline(settings: BenchSettings, budgets: list[int], record: Record) 
 
     def one_budget(at: BenchSettings) -> dict[str, Any]:
         feed = step_batches(at, config, device, rank, world)
-        result = measure(step, feed, device, at, padded, config)
+        result = measure(step, feed, device, dataclasses.replace(at, compile=False), padded, config)  # eager
         result |= {"token_budget": at.token_budget,
                    "system": "baseline (transformers BertModel, padded layout, full-sequence heads, fused AdamW"
                              + (", DDP)" if world > 1 else ")"),

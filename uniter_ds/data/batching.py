@@ -195,7 +195,8 @@ def _pad(arrays: list[np.ndarray], length: int, fill: float = 0, dtype: np.dtype
     return torch.from_numpy(out)
 
 
-def collate(samples: list[TaskSample], task: str, pad_to_multiple_of: int = 1) -> UniterBatch:
+def collate(samples: list[TaskSample], task: str, pad_to_multiple_of: int = 1,
+            pack_row_len: int | None = None) -> UniterBatch:
     """Pad in numpy (one copy per field, straight from the decoded shard buffers) and build the batch."""
     txt_lens = [len(s.input_ids) for s in samples]
     img_lens = [len(s.feat) for s in samples]
@@ -214,7 +215,7 @@ def collate(samples: list[TaskSample], task: str, pad_to_multiple_of: int = 1) -
         mrm_soft_labels=(torch.from_numpy(np.concatenate([s.soft[s.img_mask] for s in samples]))
                          if task in ("mrc", "mrc-kl") else None),
         itm_targets=torch.tensor([s.itm_target for s in samples]) if task == "itm" else None,
-        pad_to_multiple_of=pad_to_multiple_of,
+        pad_to_multiple_of=pad_to_multiple_of, pack_row_len=pack_row_len,
     )
     batch.meta = {
         "task": task,

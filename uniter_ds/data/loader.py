@@ -36,6 +36,7 @@ class LoaderConfig:
     itm_neg_prob: float = 0.5
     masking: str = "conditional"  # or "joint"
     pad_to_multiple_of: int = 1
+    pack_row_len: int | None = None  # the packed layout (model/inputs.py): rows of this many tokens; None: padded
     cache_dir: str | None = None  # remote shards are downloaded here once (default: $UNITER_DS_SHARD_CACHE)
 
     def __post_init__(self) -> None:
@@ -47,6 +48,7 @@ class LoaderConfig:
             "mask_prob": 0 < self.mask_prob < 1, "itm_neg_prob": 0 <= self.itm_neg_prob <= 1,
             "masking": self.masking in ("conditional", "joint"), "pad_to_multiple_of": self.pad_to_multiple_of >= 1,
             "max_text_len": self.max_text_len is None or self.max_text_len >= 1,
+            "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -104,7 +106,7 @@ class TaskStream(IterableDataset):
         for group, place in pipeline.groups():
             if held is not None:
                 yield counted(held)
-            held = collate(group, self.task, cfg.pad_to_multiple_of)
+            held = collate(group, self.task, cfg.pad_to_multiple_of, cfg.pack_row_len)
             held.meta["resume"] = place
         if held is not None:
             yield counted(held)

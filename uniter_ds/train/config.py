@@ -67,6 +67,10 @@ class DataSection:
     on_error: str = "raise"  # raise | skip
     masking: str = "conditional"  # conditional | joint
     pad_to_multiple_of: int = 1
+    # "padded": each micro-batch is [samples, longest sample]; "packed": the encoder runs the samples packed
+    # into rows of pack_row_len tokens (at least the longest sample), attending within each sample only.
+    layout: str = "padded"
+    pack_row_len: int = 256
     cache_dir: str | None = None  # remote (URL) shards are downloaded here once and read locally after
     # How a resumed run finds its place in the data: "exact" restores each loader worker from its saved
     # place (the same batches as an uninterrupted run, at the same cost at any step); "replay" re-reads
@@ -142,6 +146,7 @@ class ExperimentConfig:
                    "data.on_error": (self.data.on_error, ("raise", "skip")),
                    "data.masking": (self.data.masking, ("conditional", "joint")),
                    "data.resume": (self.data.resume, ("exact", "replay", "reseed")),
+                   "data.layout": (self.data.layout, ("padded", "packed")),
                    "optim.implementation": (self.optim.implementation, ("torch", "deepspeed")),
                    "model.preset": (self.model.preset, ("tiny", "base", "large")),
                    "model.mrc_kl": (self.model.mrc_kl, ("original", "per_region"))}
@@ -165,6 +170,7 @@ class ExperimentConfig:
             raise bad("data.train", f"dataset names must be unique, got {names}")
         positive = {"optim.lr": self.optim.lr, "optim.total_steps": self.optim.total_steps,
                     "optim.grad_accum": self.optim.grad_accum, "data.token_budget": self.data.token_budget,
+                    "data.pack_row_len": self.data.pack_row_len,
                     "tracking.log_every": self.tracking.log_every, "eval.batches": self.eval.batches}
         for key, value in positive.items():
             if value <= 0:

@@ -169,7 +169,8 @@ class DataFeed:
         self.loader_config = LoaderConfig(
             token_budget=data.token_budget, split=data.split, seed=config.seed, shuffle_buffer=data.shuffle_buffer,
             max_text_len=data.max_text_len, on_error=data.on_error, num_workers=data.num_workers,
-            masking=data.masking, pad_to_multiple_of=data.pad_to_multiple_of, cache_dir=data.cache_dir)
+            masking=data.masking, pad_to_multiple_of=data.pad_to_multiple_of, cache_dir=data.cache_dir,
+            pack_row_len=data.pack_row_len if data.layout == "packed" else None)
         self.paths = {d.name: d.paths for d in data.train}
         self.position = {s.name: {"epoch": 0, "batches": 0} for s in streams}
         self.streams = {s.name: s for s in streams}
@@ -207,7 +208,7 @@ class DataFeed:
         return {"world_size": self.world_size, "data.num_workers": cfg.num_workers, "data.split": cfg.split,
                 "seed": cfg.seed, "data.token_budget": cfg.token_budget, "data.shuffle_buffer": cfg.shuffle_buffer,
                 "data.max_text_len": cfg.max_text_len, "data.masking": cfg.masking,
-                "data.pad_to_multiple_of": cfg.pad_to_multiple_of,
+                "data.pad_to_multiple_of": cfg.pad_to_multiple_of, "data.pack_row_len (packed)": cfg.pack_row_len,
                 "data.train paths": {name: list(map(str, paths)) for name, paths in self.paths.items()}}
 
     def _check_same_setup(self, saved: dict[str, Any]) -> None:
@@ -485,7 +486,7 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
             keep_steps_up_to(run_dir / f"rank{rank}.jsonl", start_step)
         # Line-buffered: a rank killed mid-run keeps every step it logged (a block buffer lost the last ones).
         rank_log = open(run_dir / f"rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the whole run
-        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        window_start, window_samples, window_tokens, window_padded = time.perf_counter(), 0, 0, 0
         window_first_step = start_step + 1
         val_tasks = sorted({s.task for s in streams})
         checkpoint = None
@@ -527,17 +528,20 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
             samples = sum(b.batch_size for b in batches)
             tokens = sum(b.meta["real_tokens"] for b in batches)
             window_samples, window_tokens = window_samples + samples, window_tokens + tokens
+            window_padded += sum(b.meta["padded_tokens"] for b in batches)  # what the encoder ran
             rank_log.write(json.dumps({"step": done, "streams": [s.name for s in step_streams],
                                        "pairs": [b.meta["pairs"] for b in batches]}) + "\n")
             if done % config.tracking.log_every == 0 or done == last_step:
                 metrics = reduce_window(window, names, comm_device)
                 elapsed = time.perf_counter() - window_start
-                totals = torch.tensor([window_samples, window_tokens], dtype=torch.float64, device=comm_device)
+                totals = torch.tensor([window_samples, window_tokens, window_padded], dtype=torch.float64,
+                                      device=comm_device)
                 dist.all_reduce(totals)
                 grad_norm = engine.get_global_grad_norm()
                 metrics |= {"lr": engine.get_lr()[0], "loss": _window_loss(metrics),
                             "samples_per_s": float(totals[0]) / elapsed, "tokens_per_s": float(totals[1]) / elapsed,
-                            "samples_per_s_per_rank": float(totals[0]) / elapsed / world}
+                            "samples_per_s_per_rank": float(totals[0]) / elapsed / world,
+                            "padding_fraction": 1 - float(totals[1]) / max(float(totals[2]), 1.0)}
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 data_totals = data_metrics(feed, comm_device)
@@ -550,7 +554,7 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
                     metrics["loss_scale"] = float(loss_scale)
                 tracker.log_metrics(metrics, done)
                 stop_on_faults(metrics, config, window_first_step, done, done == last_step, checkpoint)
-                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                window_start, window_samples, window_tokens, window_padded = time.perf_counter(), 0, 0, 0
                 window_first_step = done + 1
                 if progress is not None:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
