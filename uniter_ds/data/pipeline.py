@@ -186,7 +186,7 @@ class WorkerPipeline:
             shard = next(s for s in self.shards if str(s.path) == self.image.location)
             self.reader = read_shard(shard, self.stats, cfg.on_error, cfg.cache_dir,
                                      start=(reading["end"], self.image.index + 1))
-        self.shuffle_rng.setstate(_tuples(state["shuffle"]["rng"]))
+        self.shuffle_rng.setstate(state["shuffle"]["rng"])
         self.buffer.items = [pair_of(images[i], caption, self.tokenizer) for i, caption in state["shuffle"]["items"]]
         self.buffer.draining = state["shuffle"]["draining"]
         self.np_rng.bit_generator.state = state["np_rng"]
@@ -203,11 +203,6 @@ class WorkerPipeline:
         self.stats.errors.update(saved["errors"])
         self.stats.last_errors = list(saved["last_errors"])
         self.snapshot, self.snapshot_id, self.taken = state, state["id"], taken
-
-
-def _tuples(value):
-    """random.Random's state as it was (a checkpoint format may have turned its tuples into lists)."""
-    return tuple(map(_tuples, value)) if isinstance(value, (list, tuple)) else value
 
 
 __all__ = ["WorkerPipeline"]

@@ -47,6 +47,11 @@ class Shard:
     def is_remote(self) -> bool:
         return not isinstance(self.path, Path)
 
+    @property
+    def size_on_disk(self) -> int | None:
+        """A local shard's size in bytes, None when the file is missing."""
+        return self.path.stat().st_size if self.path.exists() else None
+
 
 @dataclass
 class ImageRecord:
@@ -300,7 +305,7 @@ def read_shard(shard: Shard, stats: ReaderStats, on_error: str = "raise",
             lose(DataError(f"{error}; its {shard.images} images are not read"), "shard_open")
             return
     else:
-        size = shard.path.stat().st_size if shard.path.exists() else None
+        size = shard.size_on_disk
         if size != shard.bytes:
             lose(DataError(f"{shard.path}: {f'{size} bytes' if size is not None else 'no file'} on disk, the "
                            f"manifest says {shard.bytes} bytes (truncated, missing or replaced); its {shard.images} "

@@ -76,11 +76,10 @@ def _unlike_manifest(shard) -> str | None:
     Remote shards are not fetched to check."""
     if shard.is_remote:
         return None
-    path = Path(shard.path)
-    size = path.stat().st_size if path.exists() else None
+    size = shard.size_on_disk
     if size == shard.bytes:
         return None
-    return f"{path} ({'missing' if size is None else f'{size} bytes'}, the manifest says {shard.bytes} bytes)"
+    return f"{shard.path} ({'missing' if size is None else f'{size} bytes'}, the manifest says {shard.bytes} bytes)"
 
 
 def run(args: argparse.Namespace) -> int:
