@@ -158,6 +158,14 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _argv(pid: int) -> list[bytes]:
+    """A process's arguments; empty for one that is gone, a zombie, or still between fork and exec."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def _rank_pid(runner: int, rank: int) -> int | None:
     for pid in _descendants(runner):
         try:
@@ -203,8 +211,7 @@ def test_a_killed_rank_takes_its_loader_workers_and_helpers_down(tmp_path):
         deadline = time.monotonic() + 20
         while any(map(_alive, everything)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        survivors = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:150]
-                     for pid in everything if _alive(pid)}
+        survivors = {pid: b" ".join(_argv(pid))[:150] for pid in everything if _alive(pid)}
         assert not survivors, f"processes outlived the job: {survivors}; rank 1's were {sorted(helpers)}"
     finally:
         if runner.poll() is None:
@@ -260,8 +267,8 @@ def test_when_the_runner_is_killed_uniter_ds_waits_for_the_ranks_and_says_so(tmp
                            start_new_session=True)
     try:
         _wait_until(lambda: _metric_rows(tmp_path / "run") >= 2, cli, "the job did not start training")
-        runner = next(pid for pid in _descendants(cli.pid)
-                      if b"deepspeed" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1])
+        # the `deepspeed` script (argv[1]); its launcher.launch child and the ranks run `python -u -m ...`
+        runner = next(pid for pid in _descendants(cli.pid) if b"deepspeed" in b"".join(_argv(pid)[1:2]))
         ranks = [_rank_pid(cli.pid, r) for r in (0, 1)]
         os.kill(runner, signal.SIGKILL)
         stderr = cli.communicate(timeout=300)[1]
