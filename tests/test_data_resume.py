@@ -54,6 +54,19 @@ def test_a_restored_stream_continues_with_the_uninterrupted_batches(corpus, task
         assert resumed == reference[taken:], f"resumed after batch {taken}"
 
 
+@pytest.mark.parametrize("split", ["exact", "resampled"])
+def test_a_restored_row_filling_stream_continues_with_the_uninterrupted_batches(corpus, split):
+    """The packed layout's batcher: the samples' rows travel in the saved places too."""
+    config = LoaderConfig(num_workers=0, split=split, batching="rows", pack_row_len=100, **SMALL)
+    limit = None if split == "exact" else 60
+    reference, states = _run(TaskStream([corpus], "mlm", config), limit, LoaderStats())
+    assert len(reference) > 15
+    for taken in [1, 4, 13, len(reference) - 1]:
+        resumed, _ = _run(TaskStream([corpus], "mlm", config, resume=states[taken - 1]),
+                          None if limit is None else limit - taken)
+        assert resumed == reference[taken:], f"resumed after batch {taken}"
+
+
 def test_resuming_reads_what_the_workers_held_not_the_batches_taken(corpus, monkeypatch):
     """Images decoded until the first batch after a resume: the same at batch 10 and batch 120 (the
     workers' buffers), while re-reading the taken batches (replay) would decode ~10x more at 120."""

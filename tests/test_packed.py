@@ -82,7 +82,8 @@ def test_packed_layout_takes_the_padded_optimizer_steps(tiny_config):
 
 def test_pretraining_with_the_packed_layout_takes_the_padded_steps(tmp_path):
     """``data.layout: packed`` through the real job (launcher, loader workers, DeepSpeed): every step's
-    losses as with ``padded`` (dropout off, so that both draw nothing)."""
+    losses as with ``padded`` (dropout off, so that both draw nothing). With ``data.batching: rows`` the
+    batches differ (that batcher's own tests are above); here: the job runs it, with less padding."""
     import json
 
     import yaml
@@ -94,14 +95,15 @@ def test_pretraining_with_the_packed_layout_takes_the_padded_steps(tmp_path):
     synth_dataset(tmp_path / "data", images=80, seed=0, img_dim=64, img_label_dim=41, min_regions=5, max_regions=40,
                   max_shard_bytes=60_000)
     metrics = {}
-    for layout in ("padded", "packed"):
+    for layout in ("padded", "packed", "rows"):
         config = {
             "run_dir": str(tmp_path / layout), "seed": 1, "deepspeed_config": str(ROOT / "ds_configs" / "cpu.json"),
             "model": {"preset": "tiny", "overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
             "data": {"train": [{"name": "s", "paths": [str(tmp_path / "data")],
                                 "tasks": {"mlm": 2, "itm": 1, "mrfr": 1, "mrc-kl": 1}}],
-                     "token_budget": 800, "num_workers": 1, "shuffle_buffer": 20, "layout": layout,
-                     "pack_row_len": 128},
+                     "token_budget": 800, "num_workers": 1, "shuffle_buffer": 20,
+                     "layout": "padded" if layout == "padded" else "packed",
+                     "batching": "rows" if layout == "rows" else "budget", "pack_row_len": 128},
             "optim": {"lr": 1e-3, "warmup_steps": 1, "total_steps": 6},
             "eval": {"every": 0, "at_end": False}, "checkpoint": {"every": 0, "at_end": False},
             "tracking": {"mlflow": False, "log_every": 1},
@@ -120,6 +122,9 @@ def test_pretraining_with_the_packed_layout_takes_the_padded_steps(tmp_path):
         assert losses
         for key in losses:
             assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-6), (padded["step"], key)
+    assert [row["step"] for row in metrics["rows"]] == list(range(1, 7))
+    padding = {layout: sum(row["padding_fraction"] for row in rows) / len(rows) for layout, rows in metrics.items()}
+    assert padding["rows"] < min(padding["packed"], 0.1), padding
 
 
 def test_the_loader_packs_the_same_samples_into_rows_of_the_given_length(tmp_path):
@@ -143,3 +148,42 @@ def test_the_loader_packs_the_same_samples_into_rows_of_the_given_length(tmp_pat
                 assert batch.meta["padded_tokens"] == rows * row_len
                 assert int((batch.pack_segments >= 0).sum()) == batch.real_tokens()
     assert seen[96] == seen[None]
+
+
+def test_best_fit_rows_packs_tightly_and_keeps_every_sample():
+    import random
+
+    from uniter_ds.model.inputs import best_fit_rows
+
+    lengths = [random.Random(seed).randint(12, 160) for seed in range(2000)]
+    rows = best_fit_rows(lengths, 256)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    fills = [sum(lengths[i] for i in row) for row in rows]
+    assert max(fills) <= 256 and fills == sorted(fills, reverse=True)
+    assert sum(lengths) / (256 * len(rows)) > 0.97  # first-fit over length-sorted batches managed 0.78
+    with pytest.raises(ValueError, match="raise data.pack_row_len"):
+        best_fit_rows([100, 300], 256)
+
+
+def test_the_row_filling_batcher_sends_full_rows_of_one_shape_and_every_sample_once(tmp_path):
+    from uniter_ds.data import DataError, LoaderConfig, TaskStream, synth_dataset
+
+    synth_dataset(tmp_path / "data", images=150, seed=1, img_dim=16, img_label_dim=41, min_regions=5, max_regions=60,
+                  max_shard_bytes=40_000)
+    common = {"num_workers": 0, "token_budget": 960, "shuffle_buffer": 20, "pool_budgets": 4, "min_pool_tokens": 4000}
+    budget = list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common)))
+    rows = list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common, pack_row_len=96, batching="rows")))
+    pairs = sorted(pair for batch in budget for pair in batch.meta["pairs"])
+    assert sorted(pair for batch in rows for pair in batch.meta["pairs"]) == pairs  # the epoch, each pair once
+    for batch in rows:
+        assert tuple(batch.pack_index.shape) == (10, 96)  # the last batch too (padded with empty rows)
+        assert int((batch.pack_segments >= 0).sum()) == batch.real_tokens() == batch.meta["real_tokens"]
+        for sample in range(len(batch.meta["pairs"])):  # each sample whole in one row, positions in order
+            slots = batch.unpack_index[sample, : batch.meta["lengths"][sample]]
+            assert len(set((slots // 96).tolist())) == 1 and torch.equal(slots, slots[0] + torch.arange(len(slots)))
+    padding = 1 - sum(b.real_tokens() for b in rows[:-1]) / sum(b.padded_tokens() for b in rows[:-1])
+    assert padding < 0.05, padding
+    with pytest.raises(DataError, match=r"more than a packed row holds: raise data.pack_row_len \(40\)"):
+        list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common, pack_row_len=40, batching="rows")))
+    with pytest.raises(ValueError, match="batching"):
+        LoaderConfig(batching="rows")  # rows of what length

@@ -51,11 +51,16 @@ def test_config_errors_name_the_key(tmp_path):
         ("model.init_from=gpt:/x", "config key 'model.init_from'"),
         ("optim.betas=[0.9]", "config key 'optim.betas'"),
         ("data.train.3.name=x", "--set data.train.3.name: data.train.3 is not an index"),
+        ("data.batching=rows", "config key 'data.batching': 'rows' fills the packed layout's rows"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
             load_config(path, [override])
     with pytest.raises(ConfigError, match="config key 'data.train': at least one"):
         load_config(_write(tmp_path / "empty.yaml", {}))
+    with pytest.raises(ConfigError, match="config key 'data.token_budget': 200 holds no row of data.pack_row_len"):
+        load_config(path, ["data.batching=rows", "data.layout=packed", "data.token_budget=200"])
+    rows = load_config(path, ["data.batching=rows", "data.layout=packed", "data.token_budget=1024"])
+    assert (rows.data.batching, rows.data.pack_row_len) == ("rows", 256)
 
 
 def test_recipes_load():

@@ -30,7 +30,7 @@ def _settings(args: argparse.Namespace, token_budget: int) -> Any:
         warmup=args.warmup, windows=args.windows, steps=args.steps, compile=args.compile, layer_norm=args.layer_norm,
         sdpa_backend=args.sdpa_backend, activation_checkpointing=args.activation_checkpointing,
         profile_steps=args.profile, optimizer=args.optimizer, deepspeed_config=args.deepspeed_config,
-        pack_row_len=args.pack_row_len if args.layout == "packed" else None)
+        pack_row_len=args.pack_row_len if args.layout == "packed" else None, batching=args.batching)
 
 
 def _without_launcher_options(argv: list[str]) -> list[str]:
@@ -299,6 +299,9 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--layout", choices=["padded", "packed"], default="padded",
                          help="ours: micro-batches as [samples, longest], or packed into rows of --pack-row-len")
         sub.add_argument("--pack-row-len", type=int, default=256, help="tokens per row of the packed layout")
+        sub.add_argument("--batching", choices=["budget", "rows"], default="budget",
+                         help="micro-batches of similar lengths within the budget, or (packed layout) exactly "
+                              "budget // row-len rows filled from mixed lengths: one shape for every batch")
         sub.add_argument("--layer-norm", choices=["auto", "torch", "apex"], default="auto")
         sub.add_argument("--sdpa-backend", choices=["auto", "math", "flash", "efficient", "cudnn"], default="auto")
         sub.add_argument("--profile", type=int, default=0, metavar="STEPS",

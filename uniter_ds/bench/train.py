@@ -83,6 +83,7 @@ class BenchSettings:
     optimizer: str = "torch"  # torch: torch's fused AdamW | deepspeed: DeepSpeed's FusedAdam (JIT-built)
     deepspeed_config: str | None = None  # a DeepSpeed JSON (precision and ZeRO stage are read from it)
     pack_row_len: int | None = None  # ours in the packed layout, rows of this many tokens; None: padded
+    batching: str = "budget"  # budget | rows (the packed layout's row-filling batcher: one shape per batch)
 
     def __post_init__(self) -> None:
         checks = {"precision": self.precision in ("bf16", "fp16", "fp32"), "zero_stage": self.zero_stage in range(4),
@@ -92,7 +93,9 @@ class BenchSettings:
                   "warmup": self.warmup >= 0, "windows": self.windows >= 1, "steps": self.steps >= 1,
                   "batches": self.batches >= 1, "tasks": bool(self.tasks),
                   "optimizer": self.optimizer in ("torch", "deepspeed"),
-                  "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1}
+                  "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1,
+                  "batching": self.batching == "budget" or (self.batching == "rows" and self.pack_row_len is not None
+                                                            and self.pack_row_len <= self.token_budget)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError("bench settings: invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
@@ -190,10 +193,19 @@ def dataset_folder(settings: BenchSettings, config: UniterConfig) -> Path:
     return folder
 
 
+def layout_name(settings: BenchSettings) -> str:
+    if settings.pack_row_len is None:
+        return "padded"
+    if settings.batching == "rows":
+        return (f"packed, {settings.token_budget // settings.pack_row_len} rows of {settings.pack_row_len} "
+                f"(row-filling batcher)")
+    return f"packed, rows of {settings.pack_row_len}"
+
+
 def make_batches(config: UniterConfig, tasks: list[str], token_budget: int, count: int, *,
                  min_regions: int = 10, max_regions: int = 100, seed: int = 0,
                  data_dir: str | Path | None = None, data: str | None = None,
-                 pack_row_len: int | None = None) -> list[tuple[str, UniterBatch]]:
+                 pack_row_len: int | None = None, batching: str = "budget") -> list[tuple[str, UniterBatch]]:
     """``count`` batches per task, kept in memory."""
     settings = BenchSettings(token_budget=token_budget, batches=count, min_regions=min_regions,
                              max_regions=max_regions, data_dir=str(data_dir) if data_dir else None, data=data)
@@ -201,7 +213,8 @@ def make_batches(config: UniterConfig, tasks: list[str], token_budget: int, coun
     out = []
     for task in tasks:
         stream = TaskStream([folder], task, LoaderConfig(token_budget=token_budget, split="resampled", seed=seed,
-                                                         num_workers=0, max_text_len=None, pack_row_len=pack_row_len))
+                                                         num_workers=0, max_text_len=None, pack_row_len=pack_row_len,
+                                                         batching=batching))
         iterator = iter(stream)
         out += [(task, next(iterator)) for _ in range(count)]
     return out
@@ -214,7 +227,7 @@ def step_batches(settings: BenchSettings, config: UniterConfig, device: torch.de
         batches = make_batches(config, settings.tasks, settings.token_budget,
                                settings.batches * settings.accumulation, min_regions=settings.min_regions,
                                max_regions=settings.max_regions, seed=rank, data_dir=settings.data_dir,
-                               data=settings.data, pack_row_len=settings.pack_row_len)
+                               data=settings.data, pack_row_len=settings.pack_row_len, batching=settings.batching)
         by_task: dict[str, list[UniterBatch]] = defaultdict(list)
         for task, batch in batches:
             by_task[task].append(batch.to(device))
@@ -225,7 +238,8 @@ def step_batches(settings: BenchSettings, config: UniterConfig, device: torch.de
         return
     folder = dataset_folder(settings, config)
     loader_config = LoaderConfig(token_budget=settings.token_budget, split="resampled", seed=rank,
-                                 num_workers=settings.workers, max_text_len=None, pack_row_len=settings.pack_row_len)
+                                 num_workers=settings.workers, max_text_len=None, pack_row_len=settings.pack_row_len,
+                                 batching=settings.batching)
     streams = {task: iter(build_loader([folder], task, loader_config, rank=rank, world_size=world))
                for task in settings.tasks}
     for task in itertools.cycle(settings.tasks):
@@ -573,8 +587,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
         comm = device if on_gpu else torch.device("cpu")
         kernels = active_kernels(model) | {"sdpa_backend_requested": settings.sdpa_backend,
                                            "sdpa_backend_ran": ran, "torch.compile": str(settings.compile),
-                                           "layout": (f"packed, rows of {settings.pack_row_len}"
-                                                      if settings.pack_row_len else "padded"),
+                                           "layout": layout_name(settings),
                                            "optimizer": type(engine.optimizer).__name__,
                                            "adamw": settings.optimizer}
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..model.inputs import IGNORE_INDEX, UniterBatch, batch_from_padded
-from .format import TokenizerInfo
+from ..model.inputs import IGNORE_INDEX, UniterBatch, batch_from_padded, best_fit_rows, pack_plan
+from .format import DataError, TokenizerInfo
 from .reader import ImageRecord, Pair
 
 TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
@@ -45,6 +45,7 @@ class TaskSample:
     # data position refers to them rather than holding their features.
     pair_image: ImageRecord | None = None
     shown_image: ImageRecord | None = None
+    pack_row: int | None = None  # its row in its batch, set by the row-filling batcher
 
     @property
     def num_tokens(self) -> int:
@@ -173,6 +174,44 @@ class BudgetBatcher:
             self.pending.append(batch)
 
 
+class RowBatcher(BudgetBatcher):
+    """Micro-batches of exactly ``token_budget // row_len`` rows of ``row_len`` tokens, for the packed
+    layout: the encoder then sees one shape for the whole run (CUDA graphs, compiled layers).
+
+    Each cut packs the pool best-fit decreasing into rows (model/inputs.py: ``best_fit_rows``); whole
+    batches of the fullest rows leave (in random order), and the fewer than R least-filled rows go back
+    to the pool, to be packed again with the next samples; the stream's last batch may hold fewer rows
+    (collate pads it with empty ones). Each sample's ``pack_row`` says its row in its batch.
+    """
+
+    def __init__(self, token_budget: int, row_len: int, pool_budgets: int = 16,
+                 rng: np.random.Generator | None = None, min_pool_tokens: int = 2**18):
+        if row_len > token_budget:
+            raise ValueError(f"the row-filling batcher needs token_budget ({token_budget}) >= pack_row_len ({row_len})")
+        super().__init__(token_budget, pool_budgets, rng, min_pool_tokens)
+        self.row_len, self.rows_per_batch = row_len, token_budget // row_len
+
+    def add(self, sample: TaskSample) -> bool:
+        if sample.num_tokens > self.row_len:
+            raise DataError(f"sample {sample.pair_id} (image {sample.image_key!r}) has {sample.num_tokens} tokens "
+                            f"(text + regions), more than a packed row holds: raise data.pack_row_len "
+                            f"({self.row_len}) to at least the longest sample")
+        return super().add(sample)
+
+    def _cut(self, final: bool) -> None:
+        rows = best_fit_rows([s.num_tokens for s in self.pool], self.row_len)
+        leaving = len(rows) if final else len(rows) - len(rows) % self.rows_per_batch
+        order = self.rng.permutation(leaving)
+        for first in range(0, leaving, self.rows_per_batch):
+            batch = []
+            for row, chosen in enumerate(order[first:first + self.rows_per_batch]):
+                for i in rows[chosen]:
+                    self.pool[i].pack_row = row
+                    batch.append(self.pool[i])
+            self.pending.append(batch)
+        self.pool = [self.pool[i] for row in rows[leaving:] for i in row]
+
+
 def budget_batches(samples: Iterator[TaskSample], token_budget: int, pool_budgets: int = 16,
                    rng: np.random.Generator | None = None, min_pool_tokens: int = 2**18
                    ) -> Iterator[list[TaskSample]]:
@@ -196,8 +235,10 @@ def _pad(arrays: list[np.ndarray], length: int, fill: float = 0, dtype: np.dtype
 
 
 def collate(samples: list[TaskSample], task: str, pad_to_multiple_of: int = 1,
-            pack_row_len: int | None = None) -> UniterBatch:
-    """Pad in numpy (one copy per field, straight from the decoded shard buffers) and build the batch."""
+            pack_row_len: int | None = None, pack_rows: int | None = None) -> UniterBatch:
+    """Pad in numpy (one copy per field, straight from the decoded shard buffers) and build the batch.
+    ``pack_row_len``: also the packed layout, in the samples' ``pack_row`` s when the row-filling batcher
+    set them (padded with empty rows to ``pack_rows``), else packed here."""
     txt_lens = [len(s.input_ids) for s in samples]
     img_lens = [len(s.feat) for s in samples]
     max_txt, max_img = max(txt_lens), max(img_lens)
@@ -215,8 +256,12 @@ def collate(samples: list[TaskSample], task: str, pad_to_multiple_of: int = 1,
         mrm_soft_labels=(torch.from_numpy(np.concatenate([s.soft[s.img_mask] for s in samples]))
                          if task in ("mrc", "mrc-kl") else None),
         itm_targets=torch.tensor([s.itm_target for s in samples]) if task == "itm" else None,
-        pad_to_multiple_of=pad_to_multiple_of, pack_row_len=pack_row_len,
+        pad_to_multiple_of=pad_to_multiple_of,
     )
+    if pack_row_len is not None:
+        given = None if samples[0].pack_row is None else [s.pack_row for s in samples]
+        batch.pack_index, batch.pack_segments, batch.unpack_index = pack_plan(
+            [t + i for t, i in zip(txt_lens, img_lens)], batch.attn_mask.size(1), pack_row_len, given, pack_rows)
     batch.meta = {
         "task": task,
         "pairs": [s.pair_id for s in samples],

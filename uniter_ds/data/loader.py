@@ -37,6 +37,8 @@ class LoaderConfig:
     masking: str = "conditional"  # or "joint"
     pad_to_multiple_of: int = 1
     pack_row_len: int | None = None  # the packed layout (model/inputs.py): rows of this many tokens; None: padded
+    batching: str = "budget"  # "budget": similar lengths, <= token_budget; "rows": token_budget // pack_row_len
+    #                           full rows of the packed layout (batching.RowBatcher)
     cache_dir: str | None = None  # remote shards are downloaded here once (default: $UNITER_DS_SHARD_CACHE)
 
     def __post_init__(self) -> None:
@@ -49,6 +51,8 @@ class LoaderConfig:
             "masking": self.masking in ("conditional", "joint"), "pad_to_multiple_of": self.pad_to_multiple_of >= 1,
             "max_text_len": self.max_text_len is None or self.max_text_len >= 1,
             "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1,
+            "batching": self.batching == "budget" or (self.batching == "rows" and self.pack_row_len is not None
+                                                      and self.pack_row_len <= self.token_budget),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -106,7 +110,8 @@ class TaskStream(IterableDataset):
         for group, place in pipeline.groups():
             if held is not None:
                 yield counted(held)
-            held = collate(group, self.task, cfg.pad_to_multiple_of, cfg.pack_row_len)
+            held = collate(group, self.task, cfg.pad_to_multiple_of, cfg.pack_row_len,
+                           cfg.token_budget // cfg.pack_row_len if cfg.batching == "rows" else None)
             held.meta["resume"] = place
         if held is not None:
             yield counted(held)

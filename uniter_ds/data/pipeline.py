@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .batching import TASKS, BudgetBatcher, TaskSample, TaskTransform
+from .batching import TASKS, BudgetBatcher, RowBatcher, TaskSample, TaskTransform
 from .format import DataError
 from .reader import (
     ImageRecord,
@@ -60,7 +60,11 @@ class WorkerPipeline:
         self.buffer = ShuffleBuffer(config.shuffle_buffer, self.shuffle_rng)
         self.transform = TaskTransform(task, self.tokenizer, self.np_rng, mask_prob=config.mask_prob,
                                        itm_neg_prob=config.itm_neg_prob, joint_masking=config.masking == "joint")
-        self.batcher = BudgetBatcher(config.token_budget, config.pool_budgets, self.np_rng, config.min_pool_tokens)
+        if config.batching == "rows":
+            self.batcher = RowBatcher(config.token_budget, config.pack_row_len, config.pool_budgets, self.np_rng,
+                                      config.min_pool_tokens)
+        else:
+            self.batcher = BudgetBatcher(config.token_budget, config.pool_budgets, self.np_rng, config.min_pool_tokens)
         self.input_done = False
         self.snapshot: dict[str, Any] | None = None
         self.snapshot_id = 0
@@ -145,7 +149,8 @@ class WorkerPipeline:
 
         def sample(s: TaskSample) -> tuple:
             return (image(s.pair_image), s.pair_id[1], image(s.shown_image), s.input_ids.astype(np.int32),
-                    None if s.txt_labels is None else s.txt_labels.astype(np.int32), s.img_mask, s.itm_target)
+                    None if s.txt_labels is None else s.txt_labels.astype(np.int32), s.img_mask, s.itm_target,
+                    s.pack_row)
 
         state = {
             "id": self.snapshot_id,
@@ -172,11 +177,11 @@ class WorkerPipeline:
         images = [found[tuple(ref)] for ref in state["images"]]
 
         def sample(saved: tuple) -> TaskSample:
-            pair_image, caption, shown, input_ids, labels, mask, target = saved
+            pair_image, caption, shown, input_ids, labels, mask, target, *row = saved  # no row: saved before rows
             pair_image, shown = images[pair_image], images[shown]
             return TaskSample((pair_image.key, caption), shown.key, input_ids.astype(np.int64), shown.feat,
                               shown.pos, shown.soft, None if labels is None else labels.astype(np.int64), mask,
-                              target, pair_image=pair_image, shown_image=shown)
+                              target, pair_image=pair_image, shown_image=shown, pack_row=row[0] if row else None)
 
         self.cursor.load_state_dict(state["cursor"])
         reading = state["reading"]

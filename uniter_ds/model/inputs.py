@@ -9,13 +9,15 @@ Everything that needs a host-side length (L, the masked positions) is computed h
 by :func:`build_batch`, so the forward pass itself never synchronises with the host.
 
 The packed layout (``pack_row_len``): the encoder runs the samples packed into rows of a fixed length
-(first-fit decreasing, no sample split), each token attending only to its own sample's tokens
+(best-fit decreasing, no sample split), each token attending only to its own sample's tokens
 (``pack_segments``); the embeddings before it and the heads after it see the compact layout. With a
-row length fixed for a run, the encoder's shapes vary only in the number of rows.
+row length fixed for a run, the encoder's shapes vary only in the number of rows, and not at all with
+the loader's row-filling batcher (``data.batching: rows``), whose batches are always R rows.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,24 +187,52 @@ def batch_from_padded(
     return out
 
 
-def pack_plan(lengths: Sequence[int], seq_len: int, row_len: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Samples of ``lengths`` (compact layout, ``seq_len`` per sample) into rows of ``row_len`` slots,
-    first-fit decreasing: (pack_index [R, Lr], pack_segments [R, Lr], unpack_index [B, L])."""
-    if max(lengths) > row_len:
-        raise ValueError(f"pack_row_len {row_len} is shorter than a sample of {max(lengths)} tokens (text + "
+def best_fit_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Samples of ``lengths`` into rows of ``row_len`` slots, best-fit decreasing (each sample, longest
+    first, into the row it fills most tightly): the rows as sample indices, fullest row first."""
+    too_long = [i for i, length in enumerate(lengths) if length > row_len]
+    if too_long:
+        raise ValueError(f"pack_row_len {row_len} is shorter than a sample of {lengths[too_long[0]]} tokens (text + "
                          f"regions); raise data.pack_row_len to at least the longest sample")
-    free: list[int] = []  # per row, the slots left
-    placed: list[tuple[int, int]] = [(0, 0)] * len(lengths)  # per sample: (row, first slot)
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free slots, row), sorted: the tightest fit is a bisection away
     for sample in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, left in enumerate(free) if left >= lengths[sample]), len(free))
-        if row == len(free):
-            free.append(row_len)
-        placed[sample] = (row, row_len - free[row])
-        free[row] -= lengths[sample]
-    pack_index = torch.zeros(len(free), row_len, dtype=torch.long)
-    segments = torch.full((len(free), row_len), -1, dtype=torch.long)
+        k = bisect.bisect_left(room, (lengths[sample], -1))
+        if k < len(room):
+            free, row = room.pop(k)
+        else:
+            free, row = row_len, len(rows)
+            rows.append([])
+        rows[row].append(sample)
+        if free > lengths[sample]:
+            bisect.insort(room, (free - lengths[sample], row))
+    return sorted(rows, key=lambda row: -sum(lengths[i] for i in row))
+
+
+def pack_plan(lengths: Sequence[int], seq_len: int, row_len: int, rows: Sequence[int] | None = None,
+              num_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Samples of ``lengths`` (compact layout, ``seq_len`` per sample) into rows of ``row_len`` slots:
+    (pack_index [R, Lr], pack_segments [R, Lr], unpack_index [B, L]). ``rows``: each sample's row, in
+    sample order within a row (default: :func:`best_fit_rows`); ``num_rows``: at least this many rows
+    (the rest empty), so every batch of a row-filling stream has one shape."""
+    if rows is None:
+        rows = [0] * len(lengths)
+        for row, samples in enumerate(best_fit_rows(lengths, row_len)):
+            for sample in samples:
+                rows[sample] = row
+    count = max(max(rows) + 1, num_rows or 0)
+    used = [0] * count
+    starts = []
+    for sample, (row, length) in enumerate(zip(rows, lengths)):
+        starts.append(used[row])
+        used[row] += length
+        if used[row] > row_len:
+            raise ValueError(f"pack_plan: row {row} holds {used[row]} tokens, more than pack_row_len {row_len} "
+                             f"(at sample {sample})")
+    pack_index = torch.zeros(count, row_len, dtype=torch.long)
+    segments = torch.full((count, row_len), -1, dtype=torch.long)
     unpack_index = torch.zeros(len(lengths), seq_len, dtype=torch.long)
-    for sample, ((row, start), length) in enumerate(zip(placed, lengths)):
+    for sample, (row, start, length) in enumerate(zip(rows, starts, lengths)):
         slots = torch.arange(start, start + length)
         pack_index[row, slots] = sample * seq_len + torch.arange(length)
         segments[row, slots] = sample

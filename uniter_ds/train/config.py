@@ -71,6 +71,10 @@ class DataSection:
     # into rows of pack_row_len tokens (at least the longest sample), attending within each sample only.
     layout: str = "padded"
     pack_row_len: int = 256
+    # "budget": micro-batches of similar-length samples, <= token_budget tokens padded; "rows" (packed
+    # layout only): exactly token_budget // pack_row_len rows filled best-fit from a pool of mixed lengths,
+    # so every micro-batch has one shape (1-3% padding).
+    batching: str = "budget"
     cache_dir: str | None = None  # remote (URL) shards are downloaded here once and read locally after
     # How a resumed run finds its place in the data: "exact" restores each loader worker from its saved
     # place (the same batches as an uninterrupted run, at the same cost at any step); "replay" re-reads
@@ -147,6 +151,7 @@ class ExperimentConfig:
                    "data.masking": (self.data.masking, ("conditional", "joint")),
                    "data.resume": (self.data.resume, ("exact", "replay", "reseed")),
                    "data.layout": (self.data.layout, ("padded", "packed")),
+                   "data.batching": (self.data.batching, ("budget", "rows")),
                    "optim.implementation": (self.optim.implementation, ("torch", "deepspeed")),
                    "model.preset": (self.model.preset, ("tiny", "base", "large")),
                    "model.mrc_kl": (self.model.mrc_kl, ("original", "per_region"))}
@@ -181,6 +186,11 @@ class ExperimentConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise bad(key, f"must be >= 0, got {value}")
+        if self.data.batching == "rows" and self.data.layout != "packed":
+            raise bad("data.batching", "'rows' fills the packed layout's rows: set data.layout: packed")
+        if self.data.batching == "rows" and self.data.token_budget < self.data.pack_row_len:
+            raise bad("data.token_budget", f"{self.data.token_budget} holds no row of data.pack_row_len "
+                                           f"{self.data.pack_row_len} tokens (data.batching: rows)")
         if not 0 <= self.data.max_skip_fraction <= 1:
             raise bad("data.max_skip_fraction", f"a share in [0, 1], got {self.data.max_skip_fraction}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):

@@ -170,7 +170,7 @@ class DataFeed:
             token_budget=data.token_budget, split=data.split, seed=config.seed, shuffle_buffer=data.shuffle_buffer,
             max_text_len=data.max_text_len, on_error=data.on_error, num_workers=data.num_workers,
             masking=data.masking, pad_to_multiple_of=data.pad_to_multiple_of, cache_dir=data.cache_dir,
-            pack_row_len=data.pack_row_len if data.layout == "packed" else None)
+            pack_row_len=data.pack_row_len if data.layout == "packed" else None, batching=data.batching)
         self.paths = {d.name: d.paths for d in data.train}
         self.position = {s.name: {"epoch": 0, "batches": 0} for s in streams}
         self.streams = {s.name: s for s in streams}
@@ -209,10 +209,12 @@ class DataFeed:
                 "seed": cfg.seed, "data.token_budget": cfg.token_budget, "data.shuffle_buffer": cfg.shuffle_buffer,
                 "data.max_text_len": cfg.max_text_len, "data.masking": cfg.masking,
                 "data.pad_to_multiple_of": cfg.pad_to_multiple_of, "data.pack_row_len (packed)": cfg.pack_row_len,
+                "data.batching": cfg.batching,
                 "data.train paths": {name: list(map(str, paths)) for name, paths in self.paths.items()}}
 
     def _check_same_setup(self, saved: dict[str, Any]) -> None:
         now = self._setup()
+        saved = {"data.batching": "budget"} | saved  # saved before that key existed
         changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
         if changed:
             raise DataError(f"data.resume exact continues each loader worker where it stood, which needs the data "
