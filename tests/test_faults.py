@@ -361,6 +361,7 @@ def inputs(tmp_path_factory) -> Path:
             shard.write_bytes(shard.read_bytes()[:1000])
     (root / "empty").mkdir()
     (root / "bad.json").write_text("{not json")
+    (root / "zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     config = _config(root / "run", root / "data")
     config["data"]["val"] = [str(root / "data")]
     (root / "good.yaml").write_text(yaml.safe_dump(config))
@@ -399,6 +400,15 @@ BAD_INPUTS = [  # (what, --set overrides or extra arguments, what the error must
      "config key 'deepspeed_config': {root}/bad.json is not valid JSON"),
     ("a resume path that does not exist", ["--resume", "{root}/no-checkpoint"],
      "--resume {root}/no-checkpoint: does not"),
+    ("row batching without the packed layout", ["--set", "data.batching=rows"], "config key 'data.batching'"),
+    ("CUDA graphs over ever-new shapes", ["--set", "model.cuda_graphs=true"],
+     "config key 'model.cuda_graphs': needs one encoder shape per run"),
+    ("CUDA graphs under ZeRO-3", ["--set", "model.cuda_graphs=true", "--set", "data.layout=packed", "--set",
+                                  "data.batching=rows", "--set", "deepspeed_config={root}/zero3.json"],
+     "config key 'model.cuda_graphs': not with ZeRO-3"),
+    ("CUDA graphs without a GPU", ["--set", "model.cuda_graphs=true", "--set", "data.layout=packed", "--set",
+                                   "data.batching=rows"],
+     "config key 'model.cuda_graphs': CUDA graphs need a CUDA GPU"),
 ]
 
 

@@ -52,13 +52,14 @@ def device() -> torch.device:
     return init_distributed()[2]
 
 
-def engine_for(model: torch.nn.Module, zero: int, precision: str):
+def engine_for(model: torch.nn.Module, zero: int, precision: str, accumulation: int = 1):
     import deepspeed
 
     from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
     from uniter_ds.train.pretrain import param_groups
 
-    ds_config, _ = bench_deepspeed_config(BenchSettings(zero_stage=zero, precision=precision), on_gpu=True)
+    ds_config, _ = bench_deepspeed_config(BenchSettings(zero_stage=zero, precision=precision,
+                                                        accumulation=accumulation), on_gpu=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
     return engine
 
@@ -196,3 +197,73 @@ def test_each_rank_gets_its_local_gpu(monkeypatch):
         assert torch.cuda.current_device() == index
     monkeypatch.setenv("LOCAL_RANK", os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(0)
+
+
+def packed_batches(config: UniterConfig, rows: int = 3, row_len: int = 128, seed: int = 0
+                   ) -> list[tuple[str, UniterBatch]]:
+    """Two batches per task in the packed layout, all [rows, row_len]: the row-filling batcher's one shape."""
+    from uniter_ds.model.inputs import pack_plan
+
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i, task in enumerate(TASKS * 2):
+        lengths = [(9 + i, 17), (14, 40 - i), (6, 25 + i), (12, 30)]
+        batch = collate([random_sample(config, t, r, generator) for t, r in lengths], itm_targets=[1, 0, 1, 0])
+        sizes = (batch.txt_lens + batch.img_lens).tolist()
+        batch.pack_index, batch.pack_segments, batch.unpack_index = pack_plan(sizes, batch.attn_mask.size(1),
+                                                                              row_len, num_rows=rows)
+        out.append((task, batch.pin_memory()))
+    return out
+
+
+def test_cuda_graphs_accumulate_the_eager_gradients(device):
+    """Two micro-batches' gradients summed in .grad, graphed vs eager (fp32, no dropout): equal. Without
+    the copy out of the graph's static gradient buffers, the second replay overwrites the first's
+    gradients before they are added (pytorch/pytorch#181723)."""
+    config = small_config()
+    data = packed_batches(config)
+    torch.manual_seed(0)
+    eager = UniterForPretraining(config).to(device).train()
+    graphed = copy.deepcopy(eager)
+    graphed.uniter.encoder.use_cuda_graphs()
+    for model in (eager, graphed):
+        for first, second in [(data[0], data[1]), (data[2], data[3]), (data[4], data[5])]:  # replays after one capture
+            model.zero_grad(set_to_none=True)
+            for task, batch in (first, second):
+                model(batch.to(device, non_blocking=True), task).loss.backward()
+    assert len(graphed.uniter.encoder.graphed) == 1
+    for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cuda_graphs_take_the_eager_deepspeed_steps(device):
+    """ZeRO-2 bf16, 2 micro-batches per step, 5 steps: the losses of eager steps, one shape captured."""
+    from uniter_ds.train.pretrain import new_window, train_step
+    from uniter_ds.train.scheduler import Stream
+
+    config = small_config()
+    data = packed_batches(config)
+    torch.manual_seed(0)
+    initial = UniterForPretraining(config).state_dict()
+    names = [f"test/{task}" for task in TASKS]
+    losses = {}
+    for graphs in (False, True):
+        model = UniterForPretraining(config)
+        model.load_state_dict(initial)
+        if graphs:
+            model.uniter.encoder.use_cuda_graphs()
+        engine = engine_for(model, 2, "bf16", accumulation=2)
+        window = new_window(names, device)
+        losses[graphs] = []
+        for step in range(5):
+            micro = [data[(2 * step) % len(data)], data[(2 * step + 1) % len(data)]]
+            train_step(engine, [batch for _, batch in micro], [Stream("test", task) for task, _ in micro], device,
+                       device, window, names)
+            losses[graphs].append((window["loss"] / window["items"].clamp(min=1)).tolist())
+            for value in window.values():
+                value.zero_()
+        if graphs:
+            assert len(model.uniter.encoder.graphed) == 1
+    for step, (eager, graphed) in enumerate(zip(losses[False], losses[True])):
+        assert graphed == pytest.approx(eager, rel=1e-3, abs=1e-4), f"step {step}"

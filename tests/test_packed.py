@@ -187,3 +187,16 @@ def test_the_row_filling_batcher_sends_full_rows_of_one_shape_and_every_sample_o
         list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common, pack_row_len=40, batching="rows")))
     with pytest.raises(ValueError, match="batching"):
         LoaderConfig(batching="rows")  # rows of what length
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_config, monkeypatch):
+    """Graphed training itself runs in tests/test_gpu.py; here, what refuses it (and nothing is hooked)."""
+    encoder = UniterForPretraining(tiny_config).uniter.encoder
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="need a CUDA GPU; none is visible"):
+        encoder.use_cuda_graphs()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    encoder.activation_checkpointing = True
+    with pytest.raises(RuntimeError, match="activation checkpointing"):
+        encoder.use_cuda_graphs()
+    assert not encoder.cuda_graphs and not any(p._backward_hooks for p in encoder.parameters())

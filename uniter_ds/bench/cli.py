@@ -30,7 +30,8 @@ def _settings(args: argparse.Namespace, token_budget: int) -> Any:
         warmup=args.warmup, windows=args.windows, steps=args.steps, compile=args.compile, layer_norm=args.layer_norm,
         sdpa_backend=args.sdpa_backend, activation_checkpointing=args.activation_checkpointing,
         profile_steps=args.profile, optimizer=args.optimizer, deepspeed_config=args.deepspeed_config,
-        pack_row_len=args.pack_row_len if args.layout == "packed" else None, batching=args.batching)
+        pack_row_len=args.pack_row_len if args.layout == "packed" else None, batching=args.batching,
+        cuda_graphs=args.cuda_graphs)
 
 
 def _without_launcher_options(argv: list[str]) -> list[str]:
@@ -85,7 +86,7 @@ def _print_run(run: dict[str, Any]) -> None:
               f"{row['step_time_s']['median']:>8.3f}s {row['tflops']:>8.3f} {mfu:>7} {memory:>7.2f}GB")
     ours = run.get("ours", {})
     if ours.get("status") == "ok" and ours.get("compile_s") is not None:
-        print(f"  ours: torch.compile ~{ours['compile_s']:.1f} s in the first step "
+        print(f"  ours: compile / graph capture ~{ours['compile_s']:.1f} s in the first step "
               f"({ours['warmup']['first_step_s']:.1f} s), not in the timed steps")
     if ours.get("status") == "ok" and ours["world_size"] > 1:
         print(f"  ours, {ours['world_size']} ranks in total: {ours['total_samples_per_s']:.1f} samples/s")
@@ -117,6 +118,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed()
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError("--cuda-graphs: CUDA graphs need a CUDA GPU; this run is on the CPU")
     if args.precision is None:
         args.precision = default_precision(device.type == "cuda")
     peak = device_peak(device, args.precision)
@@ -302,6 +305,9 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--batching", choices=["budget", "rows"], default="budget",
                          help="micro-batches of similar lengths within the budget, or (packed layout) exactly "
                               "budget // row-len rows filled from mixed lengths: one shape for every batch")
+        sub.add_argument("--cuda-graphs", action="store_true",
+                         help="GPU: replay the encoder's layers from CUDA graphs (needs --layout packed "
+                              "--batching rows)")
         sub.add_argument("--layer-norm", choices=["auto", "torch", "apex"], default="auto")
         sub.add_argument("--sdpa-backend", choices=["auto", "math", "flash", "efficient", "cudnn"], default="auto")
         sub.add_argument("--profile", type=int, default=0, metavar="STEPS",

@@ -84,6 +84,7 @@ class BenchSettings:
     deepspeed_config: str | None = None  # a DeepSpeed JSON (precision and ZeRO stage are read from it)
     pack_row_len: int | None = None  # ours in the packed layout, rows of this many tokens; None: padded
     batching: str = "budget"  # budget | rows (the packed layout's row-filling batcher: one shape per batch)
+    cuda_graphs: bool = False  # replay the encoder's layers from CUDA graphs (needs batching rows and a GPU)
 
     def __post_init__(self) -> None:
         checks = {"precision": self.precision in ("bf16", "fp16", "fp32"), "zero_stage": self.zero_stage in range(4),
@@ -95,10 +96,16 @@ class BenchSettings:
                   "optimizer": self.optimizer in ("torch", "deepspeed"),
                   "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1,
                   "batching": self.batching == "budget" or (self.batching == "rows" and self.pack_row_len is not None
-                                                            and self.pack_row_len <= self.token_budget)}
+                                                            and self.pack_row_len <= self.token_budget),
+                  "cuda_graphs": not self.cuda_graphs or (self.batching == "rows" and not self.compile
+                                                          and not self.activation_checkpointing)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError("bench settings: invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+            hints = {"batching": " (rows: needs --layout packed and a budget >= --pack-row-len)",
+                     "cuda_graphs": " (needs --layout packed --batching rows; not with --compile or "
+                                    "--activation-checkpointing)"}
+            raise ValueError("bench settings: invalid " + ", ".join(f"{n}={getattr(self, n)!r}{hints.get(n, '')}"
+                                                                     for n in bad))
 
     def model_config(self) -> UniterConfig:
         return UniterConfig.from_preset(self.preset, hidden_dropout_prob=0.1)
@@ -354,7 +361,7 @@ def measure(step: Callable[[str, list[UniterBatch]], None], feed: Iterator[tuple
         "per_task_step_time_s": {task: statistics.median(times) for task, times in per_task.items()},
         "warmup": {"steps": warmup, "seconds": warm_seconds, "first_step_s": first_step},
         "compile_s": (max(0.0, first_step - statistics.median(step_times))
-                      if settings.compile and first_step is not None else None),
+                      if (settings.compile or settings.cuda_graphs) and first_step is not None else None),
     }
 
 
@@ -580,13 +587,19 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
         model = UniterForPretraining(config)
         model.uniter.encoder.activation_checkpointing = settings.activation_checkpointing
         if settings.compile:
-            model.uniter.encoder.compile_layers()
+            model.compile_for_training()
+        if settings.cuda_graphs:
+            if settings.zero_stage == 3:
+                raise ValueError("--cuda-graphs: not with ZeRO-3 (its hooks gather each layer's parameters inside "
+                                 "the forward, which a graph cannot replay)")
+            model.uniter.encoder.use_cuda_graphs()
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
         names = [f"bench/{t}" for t in sorted(set(settings.tasks))]
         window = new_window(names, device)
         comm = device if on_gpu else torch.device("cpu")
         kernels = active_kernels(model) | {"sdpa_backend_requested": settings.sdpa_backend,
-                                           "sdpa_backend_ran": ran, "torch.compile": str(settings.compile),
+                                           "sdpa_backend_ran": ran,
+                                           "torch.compile": "encoder layers, IPOT" if settings.compile else "off",
                                            "layout": layout_name(settings),
                                            "optimizer": type(engine.optimizer).__name__,
                                            "adamw": settings.optimizer}
@@ -605,8 +618,10 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
                 else:  # the other ranks take part in the profiled steps
                     for _ in range(at.profile_steps):
                         step(*next(feed))
+            graphs = f"{len(model.uniter.encoder.graphed)} shape(s) captured" if at.cuda_graphs else "off"
             result |= {"token_budget": at.token_budget, "system": "uniter-ds", "zero_stage": at.zero_stage,
-                       "precision": at.precision, "deepspeed_config": ds_source, "kernels": kernels}
+                       "precision": at.precision, "deepspeed_config": ds_source,
+                       "kernels": kernels | {"cuda_graphs": graphs}}
             return gather_ranks(result)
 
         sweep(settings, budgets, one_budget, record, device)

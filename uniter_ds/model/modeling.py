@@ -13,6 +13,7 @@ imports nothing else from ``uniter_ds``: ``save_pretrained`` copies it beside th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,11 +143,31 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
 
 
+MAX_GRAPHED_SHAPES = 4
+
+
+class _LayerStack(nn.Module):
+    """The encoder's layers as one module to capture in a CUDA graph (held in a plain dict, so the
+    parameters keep their names in the encoder's state dict)."""
+
+    def __init__(self, layers: nn.ModuleList):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return x
+
+
 class Encoder(nn.Module):
     def __init__(self, config: UniterConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.activation_checkpointing = False
+        self.cuda_graphs = False
+        self.graphed: dict[tuple, nn.Module] = {}  # input shapes -> the layer stack replayed from CUDA graphs
+        self.eager_shapes: set[tuple] = set()  # shapes beyond MAX_GRAPHED_SHAPES
 
     def compile_layers(self) -> None:
         """``torch.compile`` each layer in place (parameter names unchanged) with dynamic shapes:
@@ -163,10 +184,48 @@ class Encoder(nn.Module):
         for layer in self.layers:
             layer.compile(dynamic=True)
 
+    def use_cuda_graphs(self) -> None:
+        """Training steps replay the whole layer stack, forward and backward, from CUDA graphs captured
+        at the first step of each input shape (``torch.cuda.make_graphed_callables``): one replay each
+        way instead of ~30 kernel launches per layer. Meant for one shape per run, the packed layout's
+        row-filling batcher (``data.batching: rows``); at most ``MAX_GRAPHED_SHAPES`` shapes are
+        captured, others run eagerly (with a warning). Evaluation runs eagerly.
+
+        Dropout works (CUDA graphs draw fresh random numbers on each replay) but not with the eager
+        path's numbers: capture runs three warm-up passes that advance the generator. Each parameter
+        gradient is copied out of the graph's static buffer (a hook): the buffer is overwritten by the
+        next replay, and gradient accumulation into an aliased ``.grad`` would double-count
+        (pytorch/pytorch#181723). Not with activation checkpointing or ZeRO-3 (their hooks re-enter
+        the layers' forward, which a graph cannot)."""
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs (model.cuda_graphs / --cuda-graphs) need a CUDA GPU; none is visible")
+        if self.activation_checkpointing:
+            raise RuntimeError("CUDA graphs cannot replay activation checkpointing's recomputation: turn one off")
+        if not self.cuda_graphs:
+            for parameter in self.layers.parameters():
+                parameter.register_hook(torch.clone)
+        self.cuda_graphs = True
+
+    def _graphed_stack(self, x: Tensor, key_mask: Tensor) -> nn.Module | None:
+        key = (tuple(x.shape), x.dtype, tuple(key_mask.shape), key_mask.dtype, x.device)
+        stack = self.graphed.get(key)
+        if stack is None and len(self.graphed) < MAX_GRAPHED_SHAPES:
+            sample = (x.detach().requires_grad_(x.requires_grad), key_mask)
+            stack = self.graphed[key] = torch.cuda.make_graphed_callables(_LayerStack(self.layers), sample)
+        elif stack is None and key not in self.eager_shapes:
+            self.eager_shapes.add(key)
+            warnings.warn(f"CUDA graphs: {MAX_GRAPHED_SHAPES} input shapes captured already; {key[0]} runs eagerly, "
+                          f"as every further shape (data.batching: rows gives one shape per run)", stacklevel=3)
+        return stack
+
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         """``attn_mask``: [B, L] (True on real tokens: every query sees them), or [B, L, L] (which keys each
         query sees: the packed layout's block diagonal)."""
         key_mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask[:, None]
+        if self.cuda_graphs and self.training and torch.is_grad_enabled() and x.is_cuda:
+            stack = self._graphed_stack(x, key_mask)
+            if stack is not None:
+                return stack(x, key_mask)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, key_mask, use_reentrant=False)
@@ -454,8 +513,14 @@ class UniterForPretraining(UniterPreTrainedModel):
         self.mrc_head = MrcHead(config)
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.wra_weight = wra_weight
-        self.ipot = dict(beta=ipot_beta, iterations=ipot_iterations, inner_steps=ipot_inner_steps)
+        self.ipot = dict(beta=ipot_beta, iterations=ipot_iterations, inner_steps=ipot_inner_steps, compiled=False)
         self.post_init()  # the encoder initialised itself; this initialises the heads' own layers
+
+    def compile_for_training(self) -> None:
+        """``torch.compile`` the encoder layers (:meth:`Encoder.compile_layers`, refused on torch < 2.13)
+        and WRA's IPOT loop (ot.py: ~450 launches per ITM micro-batch eagerly)."""
+        self.uniter.encoder.compile_layers()
+        self.ipot["compiled"] = True
 
     def forward(self, batch: UniterBatch, task: str) -> TaskOutput:
         if task not in TASKS:

@@ -36,7 +36,9 @@ class ModelSection:
     # "per_region" (each region's whole KL; 1601x larger against the other tasks on real features).
     mrc_kl: str = "original"
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile the encoder layers (dynamic shapes)
+    compile: bool = False  # torch.compile the encoder layers and WRA's IPOT loop (dynamic shapes)
+    # Replay the encoder's layers from CUDA graphs (GPU; one shape per run: data.batching rows).
+    cuda_graphs: bool = False
 
     def uniter_config(self):  # -> UniterConfig (imported here: the config module stays light)
         """The model's configuration: the preset or the json file, with the overrides over it."""
@@ -186,6 +188,12 @@ class ExperimentConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise bad(key, f"must be >= 0, got {value}")
+        if self.model.cuda_graphs and self.data.batching != "rows":
+            raise bad("model.cuda_graphs", "needs one encoder shape per run: set data.layout: packed and "
+                                           "data.batching: rows")
+        if self.model.cuda_graphs and (self.model.activation_checkpointing or self.model.compile):
+            raise bad("model.cuda_graphs", "not with model.activation_checkpointing or model.compile (a graph "
+                                           "cannot replay a recomputation; compile has its own graphs)")
         if self.data.batching == "rows" and self.data.layout != "packed":
             raise bad("data.batching", "'rows' fills the packed layout's rows: set data.layout: packed")
         if self.data.batching == "rows" and self.data.token_budget < self.data.pack_row_len:
@@ -313,3 +321,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except ConfigError as error:
         raise ConfigError(f"{path or 'config'}: {error}") from None
     return config
+
+
+def check_with_deepspeed(config: ExperimentConfig, ds: dict[str, Any], path: str | Path) -> None:
+    """What the experiment config refuses given its DeepSpeed file (``path``, read into ``ds``)."""
+    if config.model.cuda_graphs and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError(f"config key 'model.cuda_graphs': not with ZeRO-3 ({path}): its hooks gather and release "
+                          f"each layer's parameters inside the forward, which a graph cannot replay")

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import load_config
+from .config import check_with_deepspeed, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,9 +88,14 @@ def run(args: argparse.Namespace) -> int:
     if not ds_path.exists():
         raise ValueError(f"config key 'deepspeed_config': {ds_path} does not exist")
     try:
-        json.loads(ds_path.read_text())
+        ds = json.loads(ds_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"config key 'deepspeed_config': {ds_path} is not valid JSON ({error})") from None
+    check_with_deepspeed(config, ds, ds_path)
+    import torch
+
+    if config.model.cuda_graphs and not torch.cuda.is_available():
+        raise ValueError("config key 'model.cuda_graphs': CUDA graphs need a CUDA GPU, and none is visible here")
     from ..data import DataError, check_compatible, resolve_sources
 
     # Every dataset is resolved here as the ranks will resolve it (folders, globs, brace ranges, URLs
@@ -138,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
     stale = stale_locks()
     if stale:
         raise ValueError(stale_message(stale))
-    import torch
-
     on_gpu = torch.cuda.is_available()
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))  # this environment's builds, not a shared folder

@@ -40,7 +40,7 @@ from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels
 from ..provenance import device_name, git_commit, git_dirty, package_versions
 from . import checkpointing
-from .config import ExperimentConfig, load_config
+from .config import ExperimentConfig, check_with_deepspeed, load_config
 from .distributed import init_distributed, say_while_waiting
 from .evaluate import evaluate
 from .extensions import extensions_dir
@@ -60,7 +60,9 @@ def build_model(config: ExperimentConfig) -> UniterForPretraining:
     model = UniterForPretraining(section.uniter_config(), wra_weight=section.wra_weight, mrc_kl=section.mrc_kl)
     model.uniter.encoder.activation_checkpointing = section.activation_checkpointing
     if section.compile:
-        model.uniter.encoder.compile_layers()
+        model.compile_for_training()
+    if section.cuda_graphs:
+        model.uniter.encoder.use_cuda_graphs()
     if section.init_from:
         kind, path = section.init_from.split(":", 1)
         if kind == "bert":
@@ -130,6 +132,7 @@ def deepspeed_config(config: ExperimentConfig, world_size: int, on_gpu: bool) ->
             "total_num_steps": optim.total_steps, "warmup_type": "linear"}},
         "steps_per_print": 10**9,
     }
+    check_with_deepspeed(config, ds, path)
     for key, value in managed.items():
         if key in ds and ds[key] != value and is_rank0():
             logger.warning("%s: %s is set by the experiment config (%s), not by this file", path, key, value)
