@@ -113,6 +113,8 @@ def test_bench_cli_writes_every_field(tmp_path, command):
         assert ours["budget_fill"] == pytest.approx(ours["mean_padded_tokens_per_micro_batch"] / run["token_budget"])
         assert ours["mean_real_tokens_per_micro_batch"] <= ours["mean_padded_tokens_per_micro_batch"] <= 900
         assert ours["status"] == "ok" and ours["kernels"]["sdpa_backend_ran"] == "math"  # CPU, dropout 0.1
+        assert {key: ours["kernels"][key] for key in ("layout", "torch.compile", "cuda_graphs", "adamw")} == {
+            "layout": "padded", "torch.compile": "off", "cuda_graphs": "off", "adamw": "torch"}
         assert ("profile" in ours) == (run["token_budget"] == 900)  # the largest budget by default
         if "profile" in ours:
             profile = ours["profile"]
@@ -375,4 +377,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert {(row["system"], row["variant"], row["zero"]) for row in rows if row["status"] == "ok"} == {
         ("ours", "eager", 2), ("baseline", "eager", None), ("ours", "eager", 1),
         ("ours", "from shards", 2), ("ours", "compiled", 2), ("ours", "packed 256, rows", 2)}
+    kernels = {row["variant"]: row["kernels"] for row in rows if row["system"] == "ours"}
+    assert kernels["packed 256, rows"]["layout"] == "packed, 4 rows of 256 (row-filling batcher)"
+    assert kernels["compiled"]["torch.compile"] == "encoder layers, IPOT"
     assert all(row["status"] == "ok" for row in rows)

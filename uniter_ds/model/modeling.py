@@ -187,7 +187,7 @@ class Encoder(nn.Module):
     def use_cuda_graphs(self) -> None:
         """Training steps replay the whole layer stack, forward and backward, from CUDA graphs captured
         at the first step of each input shape (``torch.cuda.make_graphed_callables``): one replay each
-        way instead of ~30 kernel launches per layer. Meant for one shape per run, the packed layout's
+        way instead of ~40 kernel launches per layer. Meant for one shape per run, the packed layout's
         row-filling batcher (``data.batching: rows``); at most ``MAX_GRAPHED_SHAPES`` shapes are
         captured, others run eagerly (with a warning). Evaluation runs eagerly.
 
