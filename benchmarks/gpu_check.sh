@@ -16,8 +16,9 @@
 #                 a kernel-level profile of ours at 32k
 #   zero1     45  ours at 32k under ZeRO-1 (ds_configs/zero1_bf16.json)
 #   shards    60  ours at 32k from the live shard reader (--source shards): ever-new shapes
-#   packed    45  ours at 32k in the packed layout, the row-filling batcher: 128 rows of 256 tokens
-#   graphs    45  the same with the encoder replayed from CUDA graphs (--cuda-graphs)
+#   packed    45  ours at 32k in the packed layout, the row-filling batcher: 128 rows of 256 tokens,
+#                 nested (jagged, varlen) attention
+#   graphs    45  the same with the block-diagonal mask, the encoder replayed from CUDA graphs
 #   compiled  80  ours at 32k with torch.compile of the encoder layers, only where the image's torch
 #                 is one compile_layers accepts (>= 2.13; 2.11 computed wrong gradients)
 # Measured once and not repeated here (benchmarks/RESULTS.md, H200, 0533f6e): the memory-efficient
@@ -101,13 +102,15 @@ reports+=("$OUT/zero1.json")
 step shards "${limits[3]}" "${bench[@]}" train "${common[@]}" --token-budget $one --source shards --workers 2 \
     --out "$OUT/shards.json"
 reports+=("$OUT/shards.json")
-# The packed layout (issue 15): rows of 256 tokens (a sample is at most 62 + 100), block-diagonal attention,
-# batches of exactly budget / 256 rows (one encoder shape); then the same replayed from CUDA graphs.
+# The packed layout (issue 15): rows of 256 tokens (a sample is at most 62 + 100), batches of exactly
+# budget / 256 rows; attention per sample as a jagged nested tensor; then the one-shape form (dense rows,
+# block-diagonal mask) replayed from CUDA graphs.
 packed=(--token-budget $one --layout packed --batching rows --pack-row-len 256)
 step packed "${limits[5]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --out "$OUT/packed.json"
 reports+=("$OUT/packed.json")
 if [ "$mode" = gpu ]; then  # graphs.json travels in results.tar.gz ($OUT holds at most 8 files)
-    step graphs "${limits[6]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --cuda-graphs --out "$work/graphs.json"
+    step graphs "${limits[6]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --packed-attention mask \
+        --cuda-graphs --out "$work/graphs.json"
     reports+=("$work/graphs.json")
 else
     echo "== graphs: not run, CUDA graphs need a GPU" >> "$log"

@@ -202,17 +202,14 @@ def test_each_rank_gets_its_local_gpu(monkeypatch):
 def packed_batches(config: UniterConfig, rows: int = 3, row_len: int = 128, seed: int = 0
                    ) -> list[tuple[str, UniterBatch]]:
     """Two batches per task in the packed layout, all [rows, row_len]: the row-filling batcher's one shape."""
-    from uniter_ds.model.inputs import pack_plan
+    from uniter_ds.model.inputs import pack
 
     generator = torch.Generator().manual_seed(seed)
     out = []
     for i, task in enumerate(TASKS * 2):
         lengths = [(9 + i, 17), (14, 40 - i), (6, 25 + i), (12, 30)]
         batch = collate([random_sample(config, t, r, generator) for t, r in lengths], itm_targets=[1, 0, 1, 0])
-        sizes = (batch.txt_lens + batch.img_lens).tolist()
-        batch.pack_index, batch.pack_segments, batch.unpack_index = pack_plan(sizes, batch.attn_mask.size(1),
-                                                                              row_len, num_rows=rows)
-        out.append((task, batch.pin_memory()))
+        out.append((task, pack(batch, row_len, num_rows=rows).pin_memory()))
     return out
 
 
@@ -224,6 +221,7 @@ def test_cuda_graphs_accumulate_the_eager_gradients(device):
     data = packed_batches(config)
     torch.manual_seed(0)
     eager = UniterForPretraining(config).to(device).train()
+    eager.uniter.encoder.packed_attention = "mask"  # the one-shape form graphs replay
     graphed = copy.deepcopy(eager)
     graphed.uniter.encoder.use_cuda_graphs()
     for model in (eager, graphed):
@@ -251,6 +249,7 @@ def test_cuda_graphs_take_the_eager_deepspeed_steps(device):
     for graphs in (False, True):
         model = UniterForPretraining(config)
         model.load_state_dict(initial)
+        model.uniter.encoder.packed_attention = "mask"
         if graphs:
             model.uniter.encoder.use_cuda_graphs()
         engine = engine_for(model, 2, "bf16", accumulation=2)

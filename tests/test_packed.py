@@ -30,6 +30,17 @@ def test_pack_plan_fills_rows_without_splitting_a_sample():
         pack_plan(lengths, seq_len=30, row_len=16)
 
 
+def test_the_nested_attention_sequences_are_the_samples_and_the_row_tails():
+    from uniter_ds.model.inputs import UniterBatch, pack
+
+    lengths = torch.tensor([5, 9, 3, 7])
+    batch = UniterBatch(input_ids=torch.zeros(4, 1), txt_lens=lengths, img_feat=torch.zeros(4, 1, 1),
+                        img_pos=torch.zeros(4, 1, 1), img_lens=torch.zeros(4, dtype=torch.long),
+                        gather_index=torch.zeros(4, 9), attn_mask=torch.ones(4, 9, dtype=torch.bool))
+    pack(batch, 10, rows=[0, 1, 0, 2], num_rows=4)  # rows: [5, 3, pad 2], [9, pad 1], [7, pad 3], [pad 10]
+    assert batch.pack_offsets.tolist() == [0, 5, 8, 10, 19, 20, 27, 30, 40]
+
+
 def _samples(config, seed: int, count: int = 7) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     sizes = [(int(torch.randint(4, 14, (1,), generator=g)), int(torch.randint(2, 20, (1,), generator=g)))
@@ -37,10 +48,12 @@ def _samples(config, seed: int, count: int = 7) -> list[dict]:
     return [random_sample(config, t, r, g) for t, r in sizes]
 
 
+@pytest.mark.parametrize("attention", ["nested", "mask"])
 @pytest.mark.parametrize("task", TASKS)
-def test_packed_layout_gives_the_padded_losses_and_gradients(tiny_config, task):
+def test_packed_layout_gives_the_padded_losses_and_gradients(tiny_config, task, attention):
     torch.manual_seed(0)
     model = UniterForPretraining(tiny_config).train()  # dropout 0 in the tiny test config
+    model.uniter.encoder.packed_attention = attention
     samples = _samples(tiny_config, 1)
     itm = [1, 0, 1, 1, 0, 1, 0]
     padded, packed = collate(samples, itm), collate(samples, itm, pack_row_len=40)
@@ -64,10 +77,12 @@ def test_packed_layout_gives_the_padded_losses_and_gradients(tiny_config, task):
     torch.testing.assert_close(enc_b.pooled_output, enc_a.pooled_output, atol=1e-5, rtol=1e-5)
 
 
-def test_packed_layout_takes_the_padded_optimizer_steps(tiny_config):
+@pytest.mark.parametrize("attention", ["nested", "mask"])
+def test_packed_layout_takes_the_padded_optimizer_steps(tiny_config, attention):
     torch.manual_seed(0)
     padded_model = UniterForPretraining(tiny_config).train()
     packed_model = copy.deepcopy(padded_model)
+    packed_model.uniter.encoder.packed_attention = attention
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (padded_model, packed_model)]
     for step, task in enumerate(["mlm", "itm", "mrc-kl", "mrfr"]):
         samples = _samples(tiny_config, 10 + step)
@@ -199,4 +214,7 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_config, monkeypatch)
     encoder.activation_checkpointing = True
     with pytest.raises(RuntimeError, match="activation checkpointing"):
         encoder.use_cuda_graphs()
+    encoder.activation_checkpointing = False
+    with pytest.raises(RuntimeError, match="the nested attention's sequences change with every batch"):
+        encoder.use_cuda_graphs()  # the default packed attention
     assert not encoder.cuda_graphs and not any(p._backward_hooks for p in encoder.parameters())

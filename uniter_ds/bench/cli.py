@@ -31,7 +31,7 @@ def _settings(args: argparse.Namespace, token_budget: int) -> Any:
         sdpa_backend=args.sdpa_backend, activation_checkpointing=args.activation_checkpointing,
         profile_steps=args.profile, optimizer=args.optimizer, deepspeed_config=args.deepspeed_config,
         pack_row_len=args.pack_row_len if args.layout == "packed" else None, batching=args.batching,
-        cuda_graphs=args.cuda_graphs)
+        packed_attention=args.packed_attention, cuda_graphs=args.cuda_graphs)
 
 
 def _without_launcher_options(argv: list[str]) -> list[str]:
@@ -305,9 +305,12 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--batching", choices=["budget", "rows"], default="budget",
                          help="micro-batches of similar lengths within the budget, or (packed layout) exactly "
                               "budget // row-len rows filled from mixed lengths: one shape for every batch")
+        sub.add_argument("--packed-attention", choices=["nested", "mask"], default="nested",
+                         help="the packed layout's attention: a jagged nested tensor per sample, or dense rows "
+                              "with a block-diagonal mask (one shape: what --cuda-graphs needs)")
         sub.add_argument("--cuda-graphs", action="store_true",
                          help="GPU: replay the encoder's layers from CUDA graphs (needs --layout packed "
-                              "--batching rows)")
+                              "--batching rows --packed-attention mask)")
         sub.add_argument("--layer-norm", choices=["auto", "torch", "apex"], default="auto")
         sub.add_argument("--sdpa-backend", choices=["auto", "math", "flash", "efficient", "cudnn"], default="auto")
         sub.add_argument("--profile", type=int, default=0, metavar="STEPS",

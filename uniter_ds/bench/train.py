@@ -84,6 +84,7 @@ class BenchSettings:
     deepspeed_config: str | None = None  # a DeepSpeed JSON (precision and ZeRO stage are read from it)
     pack_row_len: int | None = None  # ours in the packed layout, rows of this many tokens; None: padded
     batching: str = "budget"  # budget | rows (the packed layout's row-filling batcher: one shape per batch)
+    packed_attention: str = "nested"  # the packed layout's attention: nested (jagged, per sample) | mask (dense)
     cuda_graphs: bool = False  # replay the encoder's layers from CUDA graphs (needs batching rows and a GPU)
 
     def __post_init__(self) -> None:
@@ -97,13 +98,14 @@ class BenchSettings:
                   "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1,
                   "batching": self.batching == "budget" or (self.batching == "rows" and self.pack_row_len is not None
                                                             and self.pack_row_len <= self.token_budget),
-                  "cuda_graphs": not self.cuda_graphs or (self.batching == "rows" and not self.compile
-                                                          and not self.activation_checkpointing)}
+                  "packed_attention": self.packed_attention in ("nested", "mask"),
+                  "cuda_graphs": not self.cuda_graphs or (self.batching == "rows" and self.packed_attention == "mask"
+                                                          and not self.compile and not self.activation_checkpointing)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             hints = {"batching": " (rows: needs --layout packed and a budget >= --pack-row-len)",
-                     "cuda_graphs": " (needs --layout packed --batching rows; not with --compile or "
-                                    "--activation-checkpointing)"}
+                     "cuda_graphs": " (needs --layout packed --batching rows --packed-attention mask; not with "
+                                    "--compile or --activation-checkpointing)"}
             raise ValueError("bench settings: invalid " + ", ".join(f"{n}={getattr(self, n)!r}{hints.get(n, '')}"
                                                                      for n in bad))
 
@@ -203,10 +205,11 @@ def dataset_folder(settings: BenchSettings, config: UniterConfig) -> Path:
 def layout_name(settings: BenchSettings) -> str:
     if settings.pack_row_len is None:
         return "padded"
+    attention = "nested attention" if settings.packed_attention == "nested" else "block-diagonal mask"
     if settings.batching == "rows":
         return (f"packed, {settings.token_budget // settings.pack_row_len} rows of {settings.pack_row_len} "
-                f"(row-filling batcher)")
-    return f"packed, rows of {settings.pack_row_len}"
+                f"(row-filling batcher), {attention}")
+    return f"packed, rows of {settings.pack_row_len}, {attention}"
 
 
 def make_batches(config: UniterConfig, tasks: list[str], token_budget: int, count: int, *,
@@ -582,10 +585,12 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision, torch.float32)
     with kernel_choice(settings):
         ran = attention_backend(config.num_attention_heads, config.head_dim, config.attention_probs_dropout_prob,
-                                device, dtype, settings.sdpa_backend, packed=settings.pack_row_len is not None)
+                                device, dtype, settings.sdpa_backend, packed=settings.pack_row_len is not None,
+                                nested=settings.pack_row_len is not None and settings.packed_attention == "nested")
         torch.manual_seed(0)
         model = UniterForPretraining(config)
         model.uniter.encoder.activation_checkpointing = settings.activation_checkpointing
+        model.uniter.encoder.packed_attention = settings.packed_attention
         if settings.compile:
             model.compile_for_training()
         if settings.cuda_graphs:

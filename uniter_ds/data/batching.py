@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..model.inputs import IGNORE_INDEX, UniterBatch, batch_from_padded, best_fit_rows, pack_plan
+from ..model.inputs import IGNORE_INDEX, UniterBatch, batch_from_padded, best_fit_rows, pack
 from .format import DataError, TokenizerInfo
 from .reader import ImageRecord, Pair
 
@@ -259,9 +259,7 @@ def collate(samples: list[TaskSample], task: str, pad_to_multiple_of: int = 1,
         pad_to_multiple_of=pad_to_multiple_of,
     )
     if pack_row_len is not None:
-        given = None if samples[0].pack_row is None else [s.pack_row for s in samples]
-        batch.pack_index, batch.pack_segments, batch.unpack_index = pack_plan(
-            [t + i for t, i in zip(txt_lens, img_lens)], batch.attn_mask.size(1), pack_row_len, given, pack_rows)
+        pack(batch, pack_row_len, None if samples[0].pack_row is None else [s.pack_row for s in samples], pack_rows)
     batch.meta = {
         "task": task,
         "pairs": [s.pair_id for s in samples],

@@ -49,6 +49,8 @@ class UniterBatch:
     pack_index: Tensor | None = None  # [R, Lr] long: flat index into [B * L] of the token in each row slot
     pack_segments: Tensor | None = None  # [R, Lr] long: the slot's sample (index in the batch), -1 on padding
     unpack_index: Tensor | None = None  # [B, L] long: flat index into [R * Lr] of each compact position
+    pack_offsets: Tensor | None = None  # [S + 1] long: where each sample and each row's padding tail starts
+    #                                     in the flattened rows (the nested attention's sequences), then R * Lr
     meta: dict | None = None  # what the data path knows about the batch (ids, token counts, reader stats)
 
     @property
@@ -182,8 +184,7 @@ def batch_from_padded(
         out.mrm_positions = rows * seq_len + txt_lens[rows] + cols
         out.mrm_img_index = rows * max_img + cols
     if pack_row_len is not None:
-        out.pack_index, out.pack_segments, out.unpack_index = pack_plan((txt_lens + img_lens).tolist(), seq_len,
-                                                                        pack_row_len)
+        pack(out, pack_row_len)
     return out
 
 
@@ -238,6 +239,21 @@ def pack_plan(lengths: Sequence[int], seq_len: int, row_len: int, rows: Sequence
         segments[row, slots] = sample
         unpack_index[sample, :length] = row * row_len + slots
     return pack_index, segments, unpack_index
+
+
+def pack(batch: UniterBatch, row_len: int, rows: Sequence[int] | None = None,
+         num_rows: int | None = None) -> UniterBatch:
+    """Adds the packed layout to ``batch`` (in place; :func:`pack_plan` says how the arguments place the
+    samples): the gather and scatter indices, each slot's sample, and the sequences' offsets."""
+    lengths = (batch.txt_lens + batch.img_lens).tolist()
+    batch.pack_index, batch.pack_segments, batch.unpack_index = pack_plan(lengths, batch.seq_len, row_len, rows,
+                                                                          num_rows)
+    flat = batch.pack_segments.flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::row_len] = True  # a padding tail never runs on into the next row
+    batch.pack_offsets = torch.cat([starts.nonzero().squeeze(1), torch.tensor([flat.numel()])])
+    return batch
 
 
 def batch_from_masks(

@@ -67,18 +67,24 @@ def sdpa_backend(name: str) -> Iterator[None]:
 
 
 def attention_backend(num_heads: int, head_dim: int, dropout: float, device: torch.device | str,
-                      dtype: torch.dtype, backend: str = "auto", packed: bool = False) -> str:
+                      dtype: torch.dtype, backend: str = "auto", packed: bool = False, nested: bool = False) -> str:
     """The SDPA backend PyTorch picks for the model's attention call (boolean key mask with padding, or
     the packed layout's block-diagonal [L, L] mask; ``dropout``) on ``device`` in ``dtype``, under the
     ``backend`` restriction; a ValueError naming the backend when it cannot run that call. Shapes do not
     change the choice between these backends for head_dim <= 256, so a small call stands in for the
-    real ones."""
+    real ones. ``nested``: the packed layout's jagged sequences, which take no mask: on CUDA the
+    backend chosen for unmasked attention (flash where it can), elsewhere the math path per sample."""
     from torch.nn.attention import SDPBackend
+
+    if nested and torch.device(device).type != "cuda":
+        return "math (nested, per sample)"
 
     q = torch.zeros(2, num_heads, 8, head_dim, device=device, dtype=dtype)
     mask = torch.ones(2, 1, 1, 8, dtype=torch.bool, device=device)
     mask[1, ..., 5:] = False  # a padded sample, as in every token-budget batch
-    if packed:  # two samples in a row: a block diagonal
+    if nested:
+        mask = None
+    elif packed:  # two samples in a row: a block diagonal
         segments = torch.tensor([0, 0, 0, 1, 1, 1, 1, -1], device=device)
         mask = (segments[:, None] == segments[None, :]).expand(2, 1, 8, 8)
     with sdpa_backend(backend), warnings.catch_warnings():
@@ -91,9 +97,10 @@ def attention_backend(num_heads: int, head_dim: int, dropout: float, device: tor
                 f"{str(dtype).replace('torch.', '')} with a {'packed' if packed else 'key'} mask and dropout "
                 f"{dropout}: "
                 f"{str(error).split('.')[0]}. Use auto (PyTorch picks a backend that can), or math") from None
-    return {SDPBackend.MATH: "math", SDPBackend.FLASH_ATTENTION: "flash",
+    name = {SDPBackend.MATH: "math", SDPBackend.FLASH_ATTENTION: "flash",
             SDPBackend.EFFICIENT_ATTENTION: "efficient", SDPBackend.CUDNN_ATTENTION: "cudnn"}.get(
         SDPBackend(choice), SDPBackend(choice).name.lower())
+    return f"{name} (nested)" if nested else name
 
 
 def sdpa_backends() -> list[str]:

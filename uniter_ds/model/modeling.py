@@ -117,12 +117,18 @@ class SelfAttention(nn.Module):
         self.attention_dropout = config.attention_probs_dropout_prob
 
     def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        """``key_mask``: a boolean mask SDPA broadcasts over the scores, or (packed rows) the offsets of
+        the sequences in the flattened rows: each attends within itself, as a jagged nested tensor."""
         batch, length, hidden = x.shape
+        dropout = self.attention_dropout if self.training else 0.0
+        if key_mask.dim() == 1:
+            qkv = self.qkv(x).view(batch * length, 3, self.num_heads, self.head_dim)
+            q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), key_mask, max_seqlen=length)
+                       .transpose(1, 2) for t in qkv.unbind(1))
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).values()
+            return self.out(context.reshape(batch, length, hidden))
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
         return self.out(context.transpose(1, 2).reshape(batch, length, hidden))
 
 
@@ -165,6 +171,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.activation_checkpointing = False
+        # The packed layout's attention: "nested" (one jagged sequence per sample: no score across two
+        # samples is computed) or "mask" (dense rows with a block-diagonal mask; one shape, for CUDA graphs).
+        self.packed_attention = "nested"
         self.cuda_graphs = False
         self.graphed: dict[tuple, nn.Module] = {}  # input shapes -> the layer stack replayed from CUDA graphs
         self.eager_shapes: set[tuple] = set()  # shapes beyond MAX_GRAPHED_SHAPES
@@ -201,6 +210,9 @@ class Encoder(nn.Module):
             raise RuntimeError("CUDA graphs (model.cuda_graphs / --cuda-graphs) need a CUDA GPU; none is visible")
         if self.activation_checkpointing:
             raise RuntimeError("CUDA graphs cannot replay activation checkpointing's recomputation: turn one off")
+        if self.packed_attention != "mask":
+            raise RuntimeError("CUDA graphs replay one shape; the nested attention's sequences change with every "
+                               "batch: use the mask form (model.packed_attention: mask / --packed-attention mask)")
         if not self.cuda_graphs:
             for parameter in self.layers.parameters():
                 parameter.register_hook(torch.clone)
@@ -219,9 +231,12 @@ class Encoder(nn.Module):
         return stack
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        """``attn_mask``: [B, L] (True on real tokens: every query sees them), or [B, L, L] (which keys each
-        query sees: the packed layout's block diagonal)."""
-        key_mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask[:, None]
+        """``attn_mask``: [B, L] (True on real tokens: every query sees them), [B, L, L] (which keys each
+        query sees: the packed layout's block diagonal), or [S + 1] offsets (the packed layout's
+        sequences in the flattened rows, for the nested attention)."""
+        key_mask = attn_mask
+        if attn_mask.dim() > 1:  # broadcast over heads (and, for [B, L], over queries)
+            key_mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask[:, None]
         if self.cuda_graphs and self.training and torch.is_grad_enabled() and x.is_cuda:
             stack = self._graphed_stack(x, key_mask)
             if stack is not None:
@@ -359,8 +374,11 @@ class UniterModel(UniterPreTrainedModel):
             x = self.encoder(x, batch.attn_mask)
         else:  # rows of several samples, each token attending to its own sample's only
             hidden = x.size(-1)
-            segments = batch.pack_segments
-            rows = self.encoder(x.reshape(-1, hidden)[batch.pack_index], segments.unsqueeze(2) == segments.unsqueeze(1))
+            if self.encoder.packed_attention == "nested":
+                within = batch.pack_offsets
+            else:
+                within = batch.pack_segments.unsqueeze(2) == batch.pack_segments.unsqueeze(1)
+            rows = self.encoder(x.reshape(-1, hidden)[batch.pack_index], within)
             x = rows.reshape(-1, hidden)[batch.unpack_index]
         pooled = torch.tanh(self.pooler(x[:, 0]))
 

@@ -59,6 +59,7 @@ def build_model(config: ExperimentConfig) -> UniterForPretraining:
     section = config.model
     model = UniterForPretraining(section.uniter_config(), wra_weight=section.wra_weight, mrc_kl=section.mrc_kl)
     model.uniter.encoder.activation_checkpointing = section.activation_checkpointing
+    model.uniter.encoder.packed_attention = section.packed_attention
     if section.compile:
         model.compile_for_training()
     if section.cuda_graphs:
