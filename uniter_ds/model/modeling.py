@@ -122,8 +122,10 @@ class SelfAttention(nn.Module):
         batch, length, hidden = x.shape
         dropout = self.attention_dropout if self.training else 0.0
         if key_mask.dim() == 1:
+            # Sequence-length bounds given, not measured: measuring them reads the offsets on the host (a sync).
+            # No sequence is empty (the offsets skip empty row tails) or longer than a row.
             qkv = self.qkv(x).view(batch * length, 3, self.num_heads, self.head_dim)
-            q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), key_mask, max_seqlen=length)
+            q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), key_mask, min_seqlen=1, max_seqlen=length)
                        .transpose(1, 2) for t in qkv.unbind(1))
             context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).values()
             return self.out(context.reshape(batch, length, hidden))
