@@ -106,7 +106,8 @@ reports+=("$OUT/shards.json")
 # budget / 256 rows; attention per sample as a jagged nested tensor; then the one-shape form (dense rows,
 # block-diagonal mask) replayed from CUDA graphs.
 packed=(--token-budget $one --layout packed --batching rows --pack-row-len 256)
-step packed "${limits[5]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --out "$OUT/packed.json"
+step packed "${limits[5]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --packed-attention auto \
+    --out "$OUT/packed.json"
 reports+=("$OUT/packed.json")
 if [ "$mode" = gpu ]; then  # graphs.json travels in results.tar.gz ($OUT holds at most 8 files)
     step graphs "${limits[6]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --packed-attention mask \

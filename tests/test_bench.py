@@ -378,7 +378,8 @@ def test_gpu_check_dry_run(tmp_path):
         ("ours", "eager", 2), ("baseline", "eager", None), ("ours", "eager", 1),
         ("ours", "from shards", 2), ("ours", "compiled", 2), ("ours", "packed 256, rows", 2)}
     kernels = {row["variant"]: row["kernels"] for row in rows if row["system"] == "ours"}
-    assert kernels["packed 256, rows"]["layout"] == "packed, 4 rows of 256 (row-filling batcher), nested attention"
-    assert kernels["packed 256, rows"]["sdpa_backend_ran"] == "math (nested, per sample)"
+    # --packed-attention auto: the block-diagonal mask on CPU (nested in the GPU form of the check)
+    assert kernels["packed 256, rows"]["layout"] == "packed, 4 rows of 256 (row-filling batcher), block-diagonal mask"
+    assert kernels["packed 256, rows"]["sdpa_backend_ran"] == "math"
     assert kernels["compiled"]["torch.compile"] == "encoder layers, IPOT"
     assert all(row["status"] == "ok" for row in rows)

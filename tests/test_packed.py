@@ -214,7 +214,20 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_config, monkeypatch)
     encoder.activation_checkpointing = True
     with pytest.raises(RuntimeError, match="activation checkpointing"):
         encoder.use_cuda_graphs()
-    encoder.activation_checkpointing = False
+    encoder.activation_checkpointing, encoder.packed_attention = False, "nested"
     with pytest.raises(RuntimeError, match="the nested attention's sequences change with every batch"):
-        encoder.use_cuda_graphs()  # the default packed attention
+        encoder.use_cuda_graphs()
     assert not encoder.cuda_graphs and not any(p._backward_hooks for p in encoder.parameters())
+
+
+def test_auto_packed_attention_is_nested_on_cuda_without_graphs_else_the_mask(tiny_config):
+    encoder = UniterForPretraining(tiny_config).uniter.encoder
+    assert encoder.packed_attention == "auto"
+    on_cpu = torch.zeros(1)
+    assert not encoder.nested_attention(on_cpu)  # the faster form on CPU (benchmarks/RESULTS.md)
+    on_cuda = type("CudaLike", (), {"is_cuda": True})()
+    assert encoder.nested_attention(on_cuda)
+    encoder.cuda_graphs = True  # graphs replay one shape: the dense mask
+    assert not encoder.nested_attention(on_cuda)
+    encoder.packed_attention = "nested"
+    assert encoder.nested_attention(on_cpu)

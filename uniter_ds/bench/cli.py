@@ -305,12 +305,13 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--batching", choices=["budget", "rows"], default="budget",
                          help="micro-batches of similar lengths within the budget, or (packed layout) exactly "
                               "budget // row-len rows filled from mixed lengths: one shape for every batch")
-        sub.add_argument("--packed-attention", choices=["nested", "mask"], default="nested",
+        sub.add_argument("--packed-attention", choices=["auto", "nested", "mask"], default="auto",
                          help="the packed layout's attention: a jagged nested tensor per sample, or dense rows "
-                              "with a block-diagonal mask (one shape: what --cuda-graphs needs)")
+                              "with a block-diagonal mask (one shape: what --cuda-graphs needs); auto: nested on "
+                              "a GPU without --cuda-graphs, else mask")
         sub.add_argument("--cuda-graphs", action="store_true",
                          help="GPU: replay the encoder's layers from CUDA graphs (needs --layout packed "
-                              "--batching rows --packed-attention mask)")
+                              "--batching rows)")
         sub.add_argument("--layer-norm", choices=["auto", "torch", "apex"], default="auto")
         sub.add_argument("--sdpa-backend", choices=["auto", "math", "flash", "efficient", "cudnn"], default="auto")
         sub.add_argument("--profile", type=int, default=0, metavar="STEPS",

@@ -84,7 +84,7 @@ class BenchSettings:
     deepspeed_config: str | None = None  # a DeepSpeed JSON (precision and ZeRO stage are read from it)
     pack_row_len: int | None = None  # ours in the packed layout, rows of this many tokens; None: padded
     batching: str = "budget"  # budget | rows (the packed layout's row-filling batcher: one shape per batch)
-    packed_attention: str = "nested"  # the packed layout's attention: nested (jagged, per sample) | mask (dense)
+    packed_attention: str = "auto"  # the packed layout's attention: nested (jagged) | mask (dense) | auto
     cuda_graphs: bool = False  # replay the encoder's layers from CUDA graphs (needs batching rows and a GPU)
 
     def __post_init__(self) -> None:
@@ -98,14 +98,14 @@ class BenchSettings:
                   "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1,
                   "batching": self.batching == "budget" or (self.batching == "rows" and self.pack_row_len is not None
                                                             and self.pack_row_len <= self.token_budget),
-                  "packed_attention": self.packed_attention in ("nested", "mask"),
-                  "cuda_graphs": not self.cuda_graphs or (self.batching == "rows" and self.packed_attention == "mask"
+                  "packed_attention": self.packed_attention in ("auto", "nested", "mask"),
+                  "cuda_graphs": not self.cuda_graphs or (self.batching == "rows" and self.packed_attention != "nested"
                                                           and not self.compile and not self.activation_checkpointing)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             hints = {"batching": " (rows: needs --layout packed and a budget >= --pack-row-len)",
-                     "cuda_graphs": " (needs --layout packed --batching rows --packed-attention mask; not with "
-                                    "--compile or --activation-checkpointing)"}
+                     "cuda_graphs": " (needs --layout packed --batching rows, not --packed-attention nested; not "
+                                    "with --compile or --activation-checkpointing)"}
             raise ValueError("bench settings: invalid " + ", ".join(f"{n}={getattr(self, n)!r}{hints.get(n, '')}"
                                                                      for n in bad))
 
@@ -202,10 +202,19 @@ def dataset_folder(settings: BenchSettings, config: UniterConfig) -> Path:
     return folder
 
 
-def layout_name(settings: BenchSettings) -> str:
+def nested_attention(settings: BenchSettings, on_gpu: bool) -> bool:
+    """Whether the packed layout attends as jagged nested tensors (Encoder.nested_attention's rule)."""
+    if settings.pack_row_len is None:
+        return False
+    if settings.packed_attention == "auto":
+        return on_gpu and not settings.cuda_graphs
+    return settings.packed_attention == "nested"
+
+
+def layout_name(settings: BenchSettings, on_gpu: bool) -> str:
     if settings.pack_row_len is None:
         return "padded"
-    attention = "nested attention" if settings.packed_attention == "nested" else "block-diagonal mask"
+    attention = "nested attention" if nested_attention(settings, on_gpu) else "block-diagonal mask"
     if settings.batching == "rows":
         return (f"packed, {settings.token_budget // settings.pack_row_len} rows of {settings.pack_row_len} "
                 f"(row-filling batcher), {attention}")
@@ -586,7 +595,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
     with kernel_choice(settings):
         ran = attention_backend(config.num_attention_heads, config.head_dim, config.attention_probs_dropout_prob,
                                 device, dtype, settings.sdpa_backend, packed=settings.pack_row_len is not None,
-                                nested=settings.pack_row_len is not None and settings.packed_attention == "nested")
+                                nested=nested_attention(settings, on_gpu))
         torch.manual_seed(0)
         model = UniterForPretraining(config)
         model.uniter.encoder.activation_checkpointing = settings.activation_checkpointing
@@ -605,7 +614,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
         kernels = active_kernels(model) | {"sdpa_backend_requested": settings.sdpa_backend,
                                            "sdpa_backend_ran": ran,
                                            "torch.compile": "encoder layers, IPOT" if settings.compile else "off",
-                                           "layout": layout_name(settings),
+                                           "layout": layout_name(settings, on_gpu),
                                            "optimizer": type(engine.optimizer).__name__,
                                            "adamw": settings.optimizer}
 

@@ -174,8 +174,9 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.activation_checkpointing = False
         # The packed layout's attention: "nested" (one jagged sequence per sample: no score across two
-        # samples is computed) or "mask" (dense rows with a block-diagonal mask; one shape, for CUDA graphs).
-        self.packed_attention = "nested"
+        # samples is computed; CUDA's variable-length kernels), "mask" (dense rows with a block-diagonal
+        # mask; one shape, for CUDA graphs; the faster on CPU) or "auto" (nested on CUDA without graphs).
+        self.packed_attention = "auto"
         self.cuda_graphs = False
         self.graphed: dict[tuple, nn.Module] = {}  # input shapes -> the layer stack replayed from CUDA graphs
         self.eager_shapes: set[tuple] = set()  # shapes beyond MAX_GRAPHED_SHAPES
@@ -212,13 +213,19 @@ class Encoder(nn.Module):
             raise RuntimeError("CUDA graphs (model.cuda_graphs / --cuda-graphs) need a CUDA GPU; none is visible")
         if self.activation_checkpointing:
             raise RuntimeError("CUDA graphs cannot replay activation checkpointing's recomputation: turn one off")
-        if self.packed_attention != "mask":
+        if self.packed_attention == "nested":
             raise RuntimeError("CUDA graphs replay one shape; the nested attention's sequences change with every "
-                               "batch: use the mask form (model.packed_attention: mask / --packed-attention mask)")
+                               "batch: use the mask form (model.packed_attention: mask or auto)")
         if not self.cuda_graphs:
             for parameter in self.layers.parameters():
                 parameter.register_hook(torch.clone)
         self.cuda_graphs = True
+
+    def nested_attention(self, x: Tensor) -> bool:
+        """Whether packed rows of ``x`` attend as jagged nested tensors (else with the block-diagonal mask)."""
+        if self.packed_attention == "auto":
+            return x.is_cuda and not self.cuda_graphs
+        return self.packed_attention == "nested"
 
     def _graphed_stack(self, x: Tensor, key_mask: Tensor) -> nn.Module | None:
         key = (tuple(x.shape), x.dtype, tuple(key_mask.shape), key_mask.dtype, x.device)
@@ -376,7 +383,7 @@ class UniterModel(UniterPreTrainedModel):
             x = self.encoder(x, batch.attn_mask)
         else:  # rows of several samples, each token attending to its own sample's only
             hidden = x.size(-1)
-            if self.encoder.packed_attention == "nested":
+            if self.encoder.nested_attention(x):
                 within = batch.pack_offsets
             else:
                 within = batch.pack_segments.unsqueeze(2) == batch.pack_segments.unsqueeze(1)
