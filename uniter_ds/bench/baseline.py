@@ -43,7 +43,8 @@ class BaselineUniter(nn.Module):
         self.mrfr_head = MrfrHead(config, self.img_embeddings.img_linear.weight)
         self.mrc_head = MrcHead(config)
         self.itm_head = nn.Linear(config.hidden_size, 2)
-        self.wra_weight, self.ipot, self.mrc_kl = pretrain.wra_weight, pretrain.ipot, pretrain.mrc_kl
+        self.wra_weight, self.mrc_kl = pretrain.wra_weight, pretrain.mrc_kl
+        self.ipot = pretrain.ipot | {"compiled": False}  # a copy: the baseline stays eager under --compile
 
     @classmethod
     def from_uniter(cls, pretrain: UniterForPretraining) -> BaselineUniter:

@@ -202,19 +202,10 @@ def dataset_folder(settings: BenchSettings, config: UniterConfig) -> Path:
     return folder
 
 
-def nested_attention(settings: BenchSettings, on_gpu: bool) -> bool:
-    """Whether the packed layout attends as jagged nested tensors (Encoder.nested_attention's rule)."""
-    if settings.pack_row_len is None:
-        return False
-    if settings.packed_attention == "auto":
-        return on_gpu and not settings.cuda_graphs
-    return settings.packed_attention == "nested"
-
-
-def layout_name(settings: BenchSettings, on_gpu: bool) -> str:
+def layout_name(settings: BenchSettings, nested: bool) -> str:
     if settings.pack_row_len is None:
         return "padded"
-    attention = "nested attention" if nested_attention(settings, on_gpu) else "block-diagonal mask"
+    attention = "nested attention" if nested else "block-diagonal mask"
     if settings.batching == "rows":
         return (f"packed, {settings.token_budget // settings.pack_row_len} rows of {settings.pack_row_len} "
                 f"(row-filling batcher), {attention}")
@@ -593,9 +584,6 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
                                    zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision, torch.float32)
     with kernel_choice(settings):
-        ran = attention_backend(config.num_attention_heads, config.head_dim, config.attention_probs_dropout_prob,
-                                device, dtype, settings.sdpa_backend, packed=settings.pack_row_len is not None,
-                                nested=nested_attention(settings, on_gpu))
         torch.manual_seed(0)
         model = UniterForPretraining(config)
         model.uniter.encoder.activation_checkpointing = settings.activation_checkpointing
@@ -607,6 +595,11 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
                 raise ValueError("--cuda-graphs: not with ZeRO-3 (its hooks gather each layer's parameters inside "
                                  "the forward, which a graph cannot replay)")
             model.uniter.encoder.use_cuda_graphs()
+        nested = settings.pack_row_len is not None and model.uniter.encoder.nested_attention(
+            torch.empty(0, device=device))
+        ran = attention_backend(config.num_attention_heads, config.head_dim, config.attention_probs_dropout_prob,
+                                device, dtype, settings.sdpa_backend, packed=settings.pack_row_len is not None,
+                                nested=nested)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
         names = [f"bench/{t}" for t in sorted(set(settings.tasks))]
         window = new_window(names, device)
@@ -614,7 +607,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
         kernels = active_kernels(model) | {"sdpa_backend_requested": settings.sdpa_backend,
                                            "sdpa_backend_ran": ran,
                                            "torch.compile": "encoder layers, IPOT" if settings.compile else "off",
-                                           "layout": layout_name(settings, on_gpu),
+                                           "layout": layout_name(settings, nested),
                                            "optimizer": type(engine.optimizer).__name__,
                                            "adamw": settings.optimizer}
 
