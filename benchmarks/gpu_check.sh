@@ -14,19 +14,20 @@
 #   compare  140  UNITER-large bf16 ZeRO-2 (ds_configs/zero2_bf16.json), ours and the baseline at 8k,
 #                 16k, 32k and 48k tokens per micro-batch (out of memory is recorded, not fatal),
 #                 a kernel-level profile of ours at 32k
-#   zero1     45  ours at 32k under ZeRO-1 (ds_configs/zero1_bf16.json)
 #   shards    60  ours at 32k from the live shard reader (--source shards): ever-new shapes
 #   packed    45  ours at 32k in the packed layout, the row-filling batcher: 128 rows of 256 tokens,
 #                 nested (jagged, varlen) attention
 #   graphs    45  the same with the block-diagonal mask, the encoder replayed from CUDA graphs
+#   combined  45  the packed layout (nested attention) at 48k tokens under ZeRO-1: the options together
 #   compiled  80  ours at 32k with torch.compile of the encoder layers, only where the image's torch
 #                 is one compile_layers accepts (>= 2.13; 2.11 computed wrong gradients)
 # Measured once and not repeated here (benchmarks/RESULTS.md, H200, 0533f6e): the memory-efficient
 # attention kernel (--sdpa-backend efficient, +9%), DeepSpeed's FusedAdam (--optimizer deepspeed, +0%,
 # needs a 47 s nvcc build), benchmarks/compile_check.py; measured in two windows (c457957, 753920f):
-# ZeRO-0 (--zero 0, -24%: DeepSpeed's bf16 ZeRO-0 optimizer reads every overflow flag on the host).
+# ZeRO-0 (--zero 0, -24%: DeepSpeed's bf16 ZeRO-0 optimizer reads every overflow flag on the host) and
+# ZeRO-1 (--zero 1, +0-1% over ZeRO-2).
 # What comes back (<= 8 files, written as they are made, so a cut-off run still returns its reports):
-# check.log (each step's exit status, time, last lines), compare.json, zero1.json, shards.json,
+# check.log (each step's exit status, time, last lines), compare.json, combined.json, shards.json,
 # packed.json, compiled.json (where it ran), summary.json (one row per measurement), results.tar.gz
 # (every log, and graphs.json).
 set -uo pipefail
@@ -69,14 +70,14 @@ if [ "$mode" = gpu ]; then
     nvidia-smi > "$work/nvidia-smi.txt" 2>&1
     # Nothing here should JIT-build a DeepSpeed op; if something does, a killed build's lock stays here.
     export TORCH_EXTENSIONS_DIR="$work/torch-extensions"
-    preset=large; budgets="8192 16384 32768 49152"; one=32768
+    preset=large; budgets="8192 16384 32768 49152"; one=32768; big=49152
     steps=(--batches 1 --windows 2 --steps 4)
     tests=(tests/test_gpu.py tests/test_kernels_and_cli.py -k "not model_info_command")
     limits=(120 140 45 60 80 45 45)
 else
     export PYTHONPATH=$PWD
     export DS_ACCELERATOR=cpu
-    preset=tiny; budgets="512 1024"; one=1024
+    preset=tiny; budgets="512 1024"; one=1024; big=1024
     steps=(--batches 1 --windows 1 --steps 2)
     tests=(tests/test_gpu.py)  # skipped here: the dry run checks the plumbing, CI runs the CPU tests
     limits=(150 300 300 300 300 300 300)
@@ -97,8 +98,6 @@ wait "${untimed[@]}"
 step compare "${limits[1]}" "${bench[@]}" compare "${common[@]}" --token-budget $budgets --profile 3 \
     --profile-budget $one --out "$OUT/compare.json"
 reports=("$OUT/compare.json")
-step zero1 "${limits[2]}" "${bench[@]}" train "${common[@]}" --zero 1 --token-budget $one --out "$OUT/zero1.json"
-reports+=("$OUT/zero1.json")
 step shards "${limits[3]}" "${bench[@]}" train "${common[@]}" --token-budget $one --source shards --workers 2 \
     --out "$OUT/shards.json"
 reports+=("$OUT/shards.json")
@@ -116,6 +115,9 @@ if [ "$mode" = gpu ]; then  # graphs.json travels in results.tar.gz ($OUT holds 
 else
     echo "== graphs: not run, CUDA graphs need a GPU" >> "$log"
 fi
+step combined "${limits[2]}" "${bench[@]}" train "${common[@]}" --zero 1 --token-budget $big --layout packed \
+    --batching rows --pack-row-len 256 --out "$OUT/combined.json"
+reports+=("$OUT/combined.json")
 if $python -c "import sys; from uniter_ds.model.modeling import MIN_TORCH_FOR_COMPILE, torch_version
 sys.exit(torch_version() < MIN_TORCH_FOR_COMPILE)"; then
     step compiled "${limits[4]}" "${bench[@]}" train "${common[@]}" --token-budget $one --compile \
@@ -131,4 +133,4 @@ tar -czf "$OUT/results.tar.gz" -C "$work" --exclude=data --exclude=torch-extensi
 cat "$work/summary.txt"
 grep -E "^== " "$log"
 # The check fails when a step failed: the log says which.
-! grep -qE "^== (tests|syncs|compare|zero1|shards|packed|graphs|compiled): exit [^0]" "$log"
+! grep -qE "^== (tests|syncs|compare|shards|packed|graphs|combined|compiled): exit [^0]" "$log"
