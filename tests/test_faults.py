@@ -423,6 +423,24 @@ def test_bad_input_is_refused_before_any_rank_starts(inputs, capsys, what, argum
     assert "Traceback" not in err
 
 
+def test_compile_under_zero3_is_refused_where_torch_would_train_it_wrong(inputs, capsys, monkeypatch):
+    """torch 2.11 compiles DeepSpeed's ZeRO-3 linear with wrong gradients (pytorch/pytorch#180642)."""
+    from uniter_ds.cli import main
+    from uniter_ds.model import modeling
+
+    (inputs / "zero3-torch-linear.json").write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "memory_efficient_linear": False}}))
+    run = ["pretrain", "--config", str(inputs / "good.yaml"), "--dry-run", "--set", "model.compile=true"]
+    monkeypatch.setattr(modeling, "torch_version", lambda: modeling.TORCH_WITH_INPLACE_FUNCTION_BUG)
+    assert main([*run, "--set", f"deepspeed_config={inputs}/zero3.json"]) == 2
+    err = capsys.readouterr().err
+    assert f"config key 'model.compile' with {inputs}/zero3.json: " in err and "memory_efficient_linear" in err, err
+    assert "Traceback" not in err
+    assert main([*run, "--set", f"deepspeed_config={inputs}/zero3-torch-linear.json"]) == 0
+    monkeypatch.setattr(modeling, "torch_version", lambda: (2, 13))
+    assert main([*run, "--set", f"deepspeed_config={inputs}/zero3.json"]) == 0
+
+
 def test_the_good_input_of_the_bad_input_table_is_accepted(inputs, capsys):
     from uniter_ds.cli import main
 

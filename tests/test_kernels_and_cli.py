@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -70,16 +71,10 @@ def test_sdpa_backend_restriction_keeps_the_result(tiny_config):
 def test_compiled_encoder_matches_eager(tiny_config):
     """``model.compile: true`` / ``bench --compile``: same losses and gradients, names unchanged,
     and batches of another length reuse the dynamic graph."""
-    from uniter_ds.model.modeling import MIN_TORCH_FOR_COMPILE, torch_version
-
     torch.manual_seed(0)
     eager = UniterForPretraining(tiny_config).eval()
     compiled = UniterForPretraining(tiny_config).eval()
     compiled.load_state_dict(eager.state_dict())
-    if torch_version() < MIN_TORCH_FOR_COMPILE:  # torch 2.11 gave wrong gradients here (an H200's CPU)
-        with pytest.raises(RuntimeError, match="needs torch >="):
-            compiled.uniter.encoder.compile_layers()
-        return
     compiled.uniter.encoder.compile_layers()
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     g = torch.Generator().manual_seed(1)
@@ -120,11 +115,76 @@ def test_model_info_command(tmp_path):
     assert "unknown UniterConfig key(s) ['num_layers']" in result.stderr and str(bad) in result.stderr
 
 
-def test_compile_is_refused_on_a_torch_that_trained_wrong(tiny_config, monkeypatch):
+def test_compile_through_deepspeeds_zero3_linear(tiny_config, monkeypatch):
+    """DeepSpeed's ZeRO-3 makes ``torch.nn.functional.linear`` an autograd.Function that adds the bias
+    in place, for the whole process; torch 2.11 compiles such a function with zero gradients
+    (pytorch/pytorch#180642). Elsewhere the compiled layers give eager's gradients through it; on 2.11
+    their forward refuses, naming the remedy."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
     from uniter_ds.model import modeling
 
-    monkeypatch.setattr(modeling, "torch_version", lambda: (2, 11))
-    with pytest.raises(RuntimeError, match=r"needs torch >= 2\.13 .*wrong gradients"):
-        UniterModel(tiny_config).encoder.compile_layers()
-    monkeypatch.setattr(modeling, "torch_version", lambda: (2, 13))
-    UniterModel(tiny_config).encoder.compile_layers()  # accepted (compiles lazily, at the first call)
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    torch.manual_seed(0)
+    eager = UniterForPretraining(tiny_config).eval()
+    compiled = copy.deepcopy(eager)
+    compiled.uniter.encoder.compile_layers()
+    batch = collate([random_sample(tiny_config, t, r, torch.Generator().manual_seed(2)) for t, r in [(6, 5), (9, 7)]])
+    if modeling.torch_version() != modeling.TORCH_WITH_INPLACE_FUNCTION_BUG:
+        for model in (eager, compiled):
+            model(batch, "mlm").loss.backward()
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    monkeypatch.setattr(modeling, "torch_version", lambda: modeling.TORCH_WITH_INPLACE_FUNCTION_BUG)
+    with pytest.raises(RuntimeError, match=r"DeepSpeed's ZeRO-3 linear.*#180642.*memory_efficient_linear"):
+        compiled(batch, "mlm")
+    eager(batch, "mlm")  # eager layers are not refused
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)  # memory_efficient_linear: false
+    compiled(batch, "mlm")
+
+
+ZERO3_ENGINE = """
+import json, sys, torch, deepspeed
+from uniter_ds.model import UniterConfig, UniterForPretraining
+from uniter_ds.train.distributed import init_distributed
+init_distributed()
+zero = {"stage": 3} | json.loads(sys.argv[1])
+model = UniterForPretraining(UniterConfig.from_preset("tiny"))
+deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+    "train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}})
+linear = torch.nn.functional.linear
+print("linear:", "torch's own" if linear is torch._C._nn.linear else linear.__module__)
+"""
+
+
+@pytest.mark.parametrize("options,linear", [({}, "deepspeed.runtime.zero.linear"),
+                                            ({"memory_efficient_linear": False}, "torch's own")])
+def test_a_zero3_engine_replaces_torch_linear_unless_told_not_to(tmp_path, options, linear):
+    """What the refusal above rests on: a real ZeRO-3 engine puts DeepSpeed's linear in
+    torch.nn.functional for the whole process by default, and leaves torch's with the key off."""
+    from .launcher import cpu_env, free_port
+
+    env = cpu_env() | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-c", ZERO3_ENGINE, json.dumps(options)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"linear: {linear}" in result.stdout, result.stdout[-2000:]
+
+
+def test_deepspeed_configs_that_would_compile_wrong_are_refused(monkeypatch):
+    from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
+    from uniter_ds.model import modeling
+
+    monkeypatch.setattr(modeling, "torch_version", lambda: modeling.TORCH_WITH_INPLACE_FUNCTION_BUG)
+    assert modeling.zero3_compile_problem({"stage": 2}) is None
+    assert modeling.zero3_compile_problem({"stage": 3, "memory_efficient_linear": False}) is None
+    assert "memory_efficient_linear" in modeling.zero3_compile_problem({"stage": 3})
+    with pytest.raises(ValueError, match=r"--compile with .*zero3_bf16\.json: .*memory_efficient_linear"):
+        bench_deepspeed_config(BenchSettings(preset="tiny", zero_stage=3, precision="bf16", compile=True), False)
+    bench_deepspeed_config(BenchSettings(preset="tiny", zero_stage=3, precision="bf16"), False)  # eager: fine
+    monkeypatch.setattr(modeling, "torch_version", lambda: (2, 12))
+    assert modeling.zero3_compile_problem({"stage": 3}) is None
+    bench_deepspeed_config(BenchSettings(preset="tiny", zero_stage=3, precision="bf16", compile=True), False)

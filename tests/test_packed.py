@@ -77,12 +77,17 @@ def test_packed_layout_gives_the_padded_losses_and_gradients(tiny_config, task, 
     torch.testing.assert_close(enc_b.pooled_output, enc_a.pooled_output, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("attention", ["nested", "mask"])
-def test_packed_layout_takes_the_padded_optimizer_steps(tiny_config, attention):
+def test_packed_layout_takes_the_padded_optimizer_steps(tiny_config, attention, compiled):
+    """The packed model, eager or compiled (layers and IPOT, as model.compile trains), takes the eager
+    padded model's AdamW steps."""
     torch.manual_seed(0)
     padded_model = UniterForPretraining(tiny_config).train()
     packed_model = copy.deepcopy(padded_model)
     packed_model.uniter.encoder.packed_attention = attention
+    if compiled:
+        packed_model.compile_for_training()
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (padded_model, packed_model)]
     for step, task in enumerate(["mlm", "itm", "mrc-kl", "mrfr"]):
         samples = _samples(tiny_config, 10 + step)

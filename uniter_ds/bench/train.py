@@ -35,6 +35,7 @@ from ..data import LoaderConfig, TaskStream, build_loader, synth_dataset
 from ..model import UniterConfig, UniterForPretraining
 from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels, sdpa_backend
+from ..model.modeling import zero3_compile_problem
 from ..provenance import cpu_native_bf16, device_name, git_commit, git_dirty, package_versions
 from ..train.distributed import init_distributed
 from .baseline import BaselineUniter
@@ -530,6 +531,8 @@ def bench_deepspeed_config(settings: BenchSettings, on_gpu: bool) -> tuple[dict[
                "gradient_clipping": 5.0, "steps_per_print": 10**9,
                "optimizer": optimizer_config(1e-5, [0.9, 0.98], 1e-6, 0.01, on_gpu, settings.optimizer)}
     config.pop("train_batch_size", None)
+    if settings.compile and (problem := zero3_compile_problem(config.get("zero_optimization", {}))):
+        raise ValueError(f"--compile with {source}: {problem}")
     return config, source
 
 

@@ -13,6 +13,7 @@ imports nothing else from ``uniter_ds``: ``save_pretrained`` copies it beside th
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,12 +95,42 @@ class ImageEmbeddings(nn.Module):
 # Encoder
 # ---------------------------------------------------------------------------------------------
 
-MIN_TORCH_FOR_COMPILE = (2, 13)
+# torch.compile of an autograd.Function whose forward changes a tensor in place gives wrong gradients
+# on torch 2.11 (pytorch/pytorch#180642; benchmarks/compile_check.py's -zero3-linear variant: wrong on
+# 2.11.0, right on 2.12.1 and 2.13.0). Our layers hold no such function, but DeepSpeed's ZeRO-3 makes one
+# torch.nn.functional.linear for the whole process (zero_optimization.memory_efficient_linear, on by
+# default): its forward adds the bias in place.
+TORCH_WITH_INPLACE_FUNCTION_BUG = (2, 11)
 
 
 def torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
     return int(major), int(minor)
+
+
+ZERO3_LINEAR_REMEDY = ("set \"memory_efficient_linear\": false under zero_optimization in the DeepSpeed config "
+                       "(DeepSpeed's ZeRO-3 linear then stays out of torch.nn.functional), or train without "
+                       "model.compile / --compile")
+
+
+def zero3_compile_problem(zero_optimization: dict[str, Any]) -> str | None:
+    """Why compiled layers would train with wrong gradients under a DeepSpeed config's ``zero_optimization``
+    on this torch, or None."""
+    if (zero_optimization.get("stage", 0) != 3 or not zero_optimization.get("memory_efficient_linear", True)
+            or torch_version() != TORCH_WITH_INPLACE_FUNCTION_BUG):
+        return None
+    return (f"torch.compile with ZeRO-3 on torch {torch.__version__}: DeepSpeed's ZeRO-3 linear compiles with "
+            f"wrong gradients there (pytorch/pytorch#180642); {ZERO3_LINEAR_REMEDY}")
+
+
+def compiled_linear_problem() -> str | None:
+    """Why compiled layers would train with wrong gradients in this process, or None."""
+    zero3_linear = sys.modules.get("deepspeed.runtime.zero.linear")  # imported by DeepSpeed, never here
+    if (torch_version() != TORCH_WITH_INPLACE_FUNCTION_BUG or zero3_linear is None
+            or F.linear is not getattr(zero3_linear, "zero3_linear_wrap", None)):
+        return None
+    return ("torch.nn.functional.linear is DeepSpeed's ZeRO-3 linear in this process, and torch "
+            f"{torch.__version__} compiles it with wrong gradients (pytorch/pytorch#180642); {ZERO3_LINEAR_REMEDY}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,21 +211,16 @@ class Encoder(nn.Module):
         self.cuda_graphs = False
         self.graphed: dict[tuple, nn.Module] = {}  # input shapes -> the layer stack replayed from CUDA graphs
         self.eager_shapes: set[tuple] = set()  # shapes beyond MAX_GRAPHED_SHAPES
+        self.compiled = False
 
     def compile_layers(self) -> None:
         """``torch.compile`` each layer in place (parameter names unchanged) with dynamic shapes:
         the token-budget batches change length every step, and one graph per layer serves them all.
-
-        Refused on torch < 2.13: on torch 2.11 (an H200, 2026-11-27) compiled layers gave eager's
-        losses but not its gradients (tests/test_gpu.py, and the CPU test run there), where 2.13
-        agrees to 1e-6 on the same checks."""
-        if torch_version() < MIN_TORCH_FOR_COMPILE:
-            raise RuntimeError(
-                f"torch.compile of the encoder needs torch >= {'.'.join(map(str, MIN_TORCH_FOR_COMPILE))} "
-                f"(this is {torch.__version__}): on torch 2.11 compiled layers trained with wrong gradients; "
-                "see benchmarks/RESULTS.md. Train without model.compile / --compile.")
+        The forward refuses to run compiled layers where they would train wrong
+        (:func:`compiled_linear_problem`: torch 2.11 with DeepSpeed's ZeRO-3 linear)."""
         for layer in self.layers:
             layer.compile(dynamic=True)
+        self.compiled = True
 
     def use_cuda_graphs(self) -> None:
         """Training steps replay the whole layer stack, forward and backward, from CUDA graphs captured
@@ -246,6 +272,8 @@ class Encoder(nn.Module):
         key_mask = attn_mask
         if attn_mask.dim() > 1:  # broadcast over heads (and, for [B, L], over queries)
             key_mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask[:, None]
+        if self.compiled and (problem := compiled_linear_problem()):
+            raise RuntimeError(problem)
         if self.cuda_graphs and self.training and torch.is_grad_enabled() and x.is_cuda:
             stack = self._graphed_stack(x, key_mask)
             if stack is not None:
@@ -544,7 +572,7 @@ class UniterForPretraining(UniterPreTrainedModel):
         self.post_init()  # the encoder initialised itself; this initialises the heads' own layers
 
     def compile_for_training(self) -> None:
-        """``torch.compile`` the encoder layers (:meth:`Encoder.compile_layers`, refused on torch < 2.13)
+        """``torch.compile`` the encoder layers (:meth:`Encoder.compile_layers`)
         and WRA's IPOT loop (ot.py: ~450 launches per ITM micro-batch eagerly)."""
         self.uniter.encoder.compile_layers()
         self.ipot["compiled"] = True

@@ -333,6 +333,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def check_with_deepspeed(config: ExperimentConfig, ds: dict[str, Any], path: str | Path) -> None:
     """What the experiment config refuses given its DeepSpeed file (``path``, read into ``ds``)."""
-    if config.model.cuda_graphs and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+    zero = ds.get("zero_optimization", {})
+    if config.model.cuda_graphs and zero.get("stage", 0) == 3:
         raise ConfigError(f"config key 'model.cuda_graphs': not with ZeRO-3 ({path}): its hooks gather and release "
                           f"each layer's parameters inside the forward, which a graph cannot replay")
+    if config.model.compile:
+        from ..model.modeling import zero3_compile_problem
+
+        if problem := zero3_compile_problem(zero):
+            raise ConfigError(f"config key 'model.compile' with {path}: {problem}")
