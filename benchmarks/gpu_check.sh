@@ -4,22 +4,24 @@
 #   device:  bash benchmarks/gpu_check.sh            # carry [".whl"]; results under $OUT
 #   CI:      bash benchmarks/gpu_check.sh --cpu-dry-run   # the same steps on the CPU, tiny preset
 #
-# Time limits per step (seconds, GPU form; the check took 279-322 s in its last windows, ~350 s expected
-# now; every step at its limit: 505 s, so call it with timeout_s 520; a cut-off run returns its reports):
+# Time limits per step (seconds, GPU form; the check took 279-322 s in its last windows, ~400 s expected
+# now; every step at its limit: 560 s, so call it with timeout_s 570; a cut-off run returns its reports):
 #   install   30  carried wheels into /tmp/site
 #   imports   30  stops the check if deepspeed / webdataset / ot do not import
-#   untimed  150  in parallel, nothing timed runs meanwhile: tests (tests/test_gpu.py + the CUDA-aware
-#                 kernel tests, 23-39 s on an H200 before the compile tests ran again) and syncs (every
-#                 host synchronisation left in a training step, benchmarks/gpu_syncs.py)
+#   untimed  180  in parallel, nothing timed runs meanwhile: tests (tests/test_gpu.py + the CUDA-aware
+#                 kernel tests, 23-39 s on an H200 without the compile tests, which run again now on
+#                 torch 2.11) and syncs (every host synchronisation left in a training step,
+#                 benchmarks/gpu_syncs.py)
 #   compare   90  UNITER-large bf16 ZeRO-2 (ds_configs/zero2_bf16.json), ours and the baseline at 32k and
 #                 48k tokens per micro-batch (out of memory is recorded, not fatal), a kernel-level
 #                 profile of ours at 32k
 #   packed    45  ours at 32k in the packed layout, the row-filling batcher: 128 rows of 256 tokens,
 #                 nested (jagged, varlen) attention
 #   graphs    45  the same with the block-diagonal mask, the encoder replayed from CUDA graphs
-#   combined  45  the packed layout (nested attention) at 48k tokens under ZeRO-1: the options together
 #   compiled  70  the packed step's run with torch.compile of the encoder layers and IPOT (ZeRO-2: right
 #                 on the image's torch 2.11, where only DeepSpeed's ZeRO-3 linear compiles wrong)
+#   combined  70  the packed layout (nested attention) at 48k tokens under ZeRO-1, compiled where the
+#                 compiled step succeeded: the options together
 # Measured and not repeated here (benchmarks/RESULTS.md, H200): the memory-efficient attention kernel
 # (--sdpa-backend efficient, +9%), DeepSpeed's FusedAdam (--optimizer deepspeed, +0%, needs a 47 s nvcc
 # build), benchmarks/compile_check.py (0533f6e); in two or three windows (0533f6e, c457957, 753920f): the
@@ -71,8 +73,9 @@ if [ "$mode" = gpu ]; then
     export TORCH_EXTENSIONS_DIR="$work/torch-extensions"
     preset=large; budgets="32768 49152"; one=32768; big=49152
     steps=(--batches 1 --windows 2 --steps 4)
-    tests=(tests/test_gpu.py tests/test_kernels_and_cli.py -k "not model_info_command")
-    limits=(150 90 45 70 45 45)  # untimed, compare, combined, compiled, packed, graphs
+    # Not the tests that start subprocesses on CPU ranks: a CPU DeepSpeed engine JIT-builds its comm op.
+    tests=(tests/test_gpu.py tests/test_kernels_and_cli.py -k "not model_info_command and not zero3_engine")
+    limits=(180 90 70 70 45 45)  # untimed, compile tests included; compare, combined, compiled, packed, graphs
 else
     export PYTHONPATH=$PWD
     export DS_ACCELERATOR=cpu
@@ -111,11 +114,13 @@ if [ "$mode" = gpu ]; then
 else
     echo "== graphs: not run, CUDA graphs need a GPU" >> "$log"
 fi
-step combined "${limits[2]}" "${bench[@]}" train "${common[@]}" --zero 1 --token-budget $big --layout packed \
-    --batching rows --pack-row-len 256 --out "$OUT/combined.json"
-reports+=("$OUT/combined.json")
 step compiled "${limits[3]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --compile --out "$OUT/compiled.json"
+compiled_ok=$?
 reports+=("$OUT/compiled.json")
+# Every option that ran: compile only where the compiled step succeeded, so one failure costs one row.
+step combined "${limits[2]}" "${bench[@]}" train "${common[@]}" --zero 1 --token-budget $big --layout packed \
+    --batching rows --pack-row-len 256 $([ $compiled_ok = 0 ] && echo --compile) --out "$OUT/combined.json"
+reports+=("$OUT/combined.json")
 
 $python benchmarks/gpu_summary.py "${reports[@]}" --out "$OUT/summary.json" > "$work/summary.txt" 2>&1
 echo "== total $(( $(date +%s) - started ))s" >> "$log"

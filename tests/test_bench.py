@@ -375,7 +375,7 @@ def test_gpu_check_dry_run(tmp_path):
     rows = json.loads((out / "summary.json").read_text())["rows"]
     # the baseline is plain PyTorch (no ZeRO stage)
     assert {(row["system"], row["variant"], row["zero"]) for row in rows if row["status"] == "ok"} == {
-        ("ours", "eager", 2), ("baseline", "eager", None), ("ours", "packed 256, rows", 1),
+        ("ours", "eager", 2), ("baseline", "eager", None), ("ours", "compiled, packed 256, rows", 1),
         ("ours", "compiled, packed 256, rows", 2), ("ours", "packed 256, rows", 2)}
     kernels = {row["variant"]: row["kernels"] for row in rows if row["system"] == "ours" and row["zero"] == 2}
     # --packed-attention auto: the block-diagonal mask on CPU (nested in the GPU form of the check)
