@@ -32,8 +32,7 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
         variant.append(f"from {settings['source']}")
     if settings.get("pack_row_len"):
         variant.append(f"packed {settings['pack_row_len']}" + (", rows" if settings.get("batching") == "rows" else "")
-                       + (f", {settings['packed_attention']}" if settings.get("packed_attention") in ("mask", "padded")
-                          else ""))
+                       + (", mask" if settings.get("packed_attention") == "mask" else ""))
     if settings.get("cuda_graphs"):
         variant.append("CUDA graphs")
     rows = []

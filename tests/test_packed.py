@@ -48,7 +48,7 @@ def _samples(config, seed: int, count: int = 7) -> list[dict]:
     return [random_sample(config, t, r, g) for t, r in sizes]
 
 
-@pytest.mark.parametrize("attention", ["nested", "mask", "padded"])
+@pytest.mark.parametrize("attention", ["nested", "mask"])
 @pytest.mark.parametrize("task", TASKS)
 def test_packed_layout_gives_the_padded_losses_and_gradients(tiny_config, task, attention):
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def test_packed_layout_gives_the_padded_losses_and_gradients(tiny_config, task, 
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("attention", ["nested", "mask", "padded"])
+@pytest.mark.parametrize("attention", ["nested", "mask"])
 def test_packed_layout_takes_the_padded_optimizer_steps(tiny_config, attention, compiled):
     """The packed model, eager or compiled (layers and IPOT, as model.compile trains), takes the eager
     padded model's AdamW steps."""
@@ -219,23 +219,20 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_config, monkeypatch)
     encoder.activation_checkpointing = True
     with pytest.raises(RuntimeError, match="activation checkpointing"):
         encoder.use_cuda_graphs()
-    encoder.activation_checkpointing = False
-    for form in ("nested", "padded"):
-        encoder.packed_attention = form
-        with pytest.raises(RuntimeError, match=f"the {form} attention's shapes change with every batch"):
-            encoder.use_cuda_graphs()
+    encoder.activation_checkpointing, encoder.packed_attention = False, "nested"
+    with pytest.raises(RuntimeError, match="the nested attention's sequences change with every batch"):
+        encoder.use_cuda_graphs()
     assert not encoder.cuda_graphs and not any(p._backward_hooks for p in encoder.parameters())
 
 
-def test_auto_packed_attention_is_nested_on_cuda_mask_under_graphs_else_padded(tiny_config):
+def test_auto_packed_attention_is_nested_on_cuda_without_graphs_else_the_mask(tiny_config):
     encoder = UniterForPretraining(tiny_config).uniter.encoder
     assert encoder.packed_attention == "auto"
     on_cpu = torch.zeros(1)
-    assert encoder.packed_attention_form(on_cpu) == "padded"  # the fastest form on CPU (benchmarks/RESULTS.md)
+    assert not encoder.nested_attention(on_cpu)  # the faster form on CPU (benchmarks/RESULTS.md)
     on_cuda = type("CudaLike", (), {"is_cuda": True})()
-    assert encoder.packed_attention_form(on_cuda) == "nested"
+    assert encoder.nested_attention(on_cuda)
     encoder.cuda_graphs = True  # graphs replay one shape: the dense mask
-    assert encoder.packed_attention_form(on_cuda) == "mask"
-    for form in ("nested", "mask", "padded"):
-        encoder.packed_attention = form
-        assert encoder.packed_attention_form(on_cpu) == encoder.packed_attention_form(on_cuda) == form
+    assert not encoder.nested_attention(on_cuda)
+    encoder.packed_attention = "nested"
+    assert encoder.nested_attention(on_cpu)

@@ -305,11 +305,10 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--batching", choices=["budget", "rows"], default="budget",
                          help="micro-batches of similar lengths within the budget, or (packed layout) exactly "
                               "budget // row-len rows filled from mixed lengths: one shape for every batch")
-        sub.add_argument("--packed-attention", choices=["auto", "nested", "mask", "padded"], default="auto",
-                         help="the packed layout's attention: a jagged nested tensor per sample, dense rows "
-                              "with a block-diagonal mask (one shape: what --cuda-graphs needs), or the samples "
-                              "gathered into the padded layout; auto: on a GPU nested (mask with --cuda-graphs), "
-                              "else padded")
+        sub.add_argument("--packed-attention", choices=["auto", "nested", "mask"], default="auto",
+                         help="the packed layout's attention: a jagged nested tensor per sample, or dense rows "
+                              "with a block-diagonal mask (one shape: what --cuda-graphs needs); auto: nested on "
+                              "a GPU without --cuda-graphs, else mask")
         sub.add_argument("--cuda-graphs", action="store_true",
                          help="GPU: replay the encoder's layers from CUDA graphs (needs --layout packed "
                               "--batching rows)")

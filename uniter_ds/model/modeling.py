@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,15 +138,6 @@ def compiled_linear_problem() -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-class SampleGather(NamedTuple):
-    """The packed layout's attention in the padded form: each sample's tokens gathered from the rows
-    into [samples, longest sample] for the attention block, then back into the rows."""
-
-    unpack_index: Tensor  # [B, L]: the flattened-row position of each sample's token
-    pack_index: Tensor  # [R, Lr]: the [B * L] position of each row slot (empty slots: any)
-    key_mask: Tensor  # [B, 1, 1, L]: True on each sample's real tokens
-
-
 class SelfAttention(nn.Module):
     def __init__(self, config: UniterConfig):
         super().__init__()
@@ -156,13 +147,9 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x: Tensor, key_mask: Tensor | SampleGather) -> Tensor:
-        """``key_mask``: a boolean mask SDPA broadcasts over the scores; or, for packed rows, the offsets
-        of the sequences in the flattened rows (each attends within itself, as a jagged nested tensor),
-        or a :class:`SampleGather` (the block runs on the samples gathered into the padded layout)."""
-        if isinstance(key_mask, SampleGather):
-            padded = self(x.flatten(0, 1)[key_mask.unpack_index], key_mask.key_mask)
-            return padded.flatten(0, 1)[key_mask.pack_index]
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        """``key_mask``: a boolean mask SDPA broadcasts over the scores, or (packed rows) the offsets of
+        the sequences in the flattened rows: each attends within itself, as a jagged nested tensor."""
         batch, length, hidden = x.shape
         dropout = self.attention_dropout if self.training else 0.0
         if key_mask.dim() == 1:
@@ -219,9 +206,7 @@ class Encoder(nn.Module):
         self.activation_checkpointing = False
         # The packed layout's attention: "nested" (one jagged sequence per sample: no score across two
         # samples is computed; CUDA's variable-length kernels), "mask" (dense rows with a block-diagonal
-        # mask; one shape, for CUDA graphs), "padded" (each sample gathered into the padded layout for
-        # the attention block: the padded layout's scores, the fastest on CPU) or "auto" (CUDA: nested,
-        # mask under CUDA graphs; elsewhere padded).
+        # mask; one shape, for CUDA graphs; the faster on CPU) or "auto" (nested on CUDA without graphs).
         self.packed_attention = "auto"
         self.cuda_graphs = False
         self.graphed: dict[tuple, nn.Module] = {}  # input shapes -> the layer stack replayed from CUDA graphs
@@ -254,20 +239,19 @@ class Encoder(nn.Module):
             raise RuntimeError("CUDA graphs (model.cuda_graphs / --cuda-graphs) need a CUDA GPU; none is visible")
         if self.activation_checkpointing:
             raise RuntimeError("CUDA graphs cannot replay activation checkpointing's recomputation: turn one off")
-        if self.packed_attention in ("nested", "padded"):
-            raise RuntimeError(f"CUDA graphs replay one shape; the {self.packed_attention} attention's shapes change "
-                               "with every batch: use the mask form (model.packed_attention: mask or auto)")
+        if self.packed_attention == "nested":
+            raise RuntimeError("CUDA graphs replay one shape; the nested attention's sequences change with every "
+                               "batch: use the mask form (model.packed_attention: mask or auto)")
         if not self.cuda_graphs:
             for parameter in self.layers.parameters():
                 parameter.register_hook(torch.clone)
         self.cuda_graphs = True
 
-    def packed_attention_form(self, x: Tensor) -> str:
-        """How packed rows of ``x`` attend: "nested", "mask" or "padded" (``packed_attention``, with auto
-        resolved for ``x``'s device)."""
+    def nested_attention(self, x: Tensor) -> bool:
+        """Whether packed rows of ``x`` attend as jagged nested tensors (else with the block-diagonal mask)."""
         if self.packed_attention == "auto":
-            return ("mask" if self.cuda_graphs else "nested") if x.is_cuda else "padded"
-        return self.packed_attention
+            return x.is_cuda and not self.cuda_graphs
+        return self.packed_attention == "nested"
 
     def _graphed_stack(self, x: Tensor, key_mask: Tensor) -> nn.Module | None:
         key = (tuple(x.shape), x.dtype, tuple(key_mask.shape), key_mask.dtype, x.device)
@@ -281,12 +265,12 @@ class Encoder(nn.Module):
                           f"as every further shape (data.batching: rows gives one shape per run)", stacklevel=3)
         return stack
 
-    def forward(self, x: Tensor, attn_mask: Tensor | SampleGather) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         """``attn_mask``: [B, L] (True on real tokens: every query sees them), [B, L, L] (which keys each
-        query sees: the packed layout's block diagonal), [S + 1] offsets (the packed layout's
-        sequences in the flattened rows, for the nested attention), or a :class:`SampleGather`."""
+        query sees: the packed layout's block diagonal), or [S + 1] offsets (the packed layout's
+        sequences in the flattened rows, for the nested attention)."""
         key_mask = attn_mask
-        if isinstance(attn_mask, Tensor) and attn_mask.dim() > 1:  # broadcast over heads (and queries for [B, L])
+        if attn_mask.dim() > 1:  # broadcast over heads (and, for [B, L], over queries)
             key_mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask[:, None]
         if self.compiled and (problem := compiled_linear_problem()):
             raise RuntimeError(problem)
@@ -427,13 +411,10 @@ class UniterModel(UniterPreTrainedModel):
             x = self.encoder(x, batch.attn_mask)
         else:  # rows of several samples, each token attending to its own sample's only
             hidden = x.size(-1)
-            form = self.encoder.packed_attention_form(x)
-            if form == "nested":
+            if self.encoder.nested_attention(x):
                 within = batch.pack_offsets
-            elif form == "mask":
-                within = batch.pack_segments.unsqueeze(2) == batch.pack_segments.unsqueeze(1)
             else:
-                within = SampleGather(batch.unpack_index, batch.pack_index, batch.attn_mask[:, None, None, :])
+                within = batch.pack_segments.unsqueeze(2) == batch.pack_segments.unsqueeze(1)
             rows = self.encoder(x.reshape(-1, hidden)[batch.pack_index], within)
             x = rows.reshape(-1, hidden)[batch.unpack_index]
         pooled = torch.tanh(self.pooler(x[:, 0]))
