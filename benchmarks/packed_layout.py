@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers import collate, random_sample  # noqa: E402
 from uniter_ds.model import UniterConfig, UniterForPretraining  # noqa: E402
 from uniter_ds.model.inputs import best_fit_rows  # noqa: E402
+from uniter_ds.provenance import cpu_name, git_commit  # noqa: E402
 
 
 def pool_of(config: UniterConfig, size: int, seed: int) -> list[dict]:
@@ -98,6 +99,7 @@ def main() -> int:
     report = {"command": "python benchmarks/packed_layout.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if v is not None and k != "out"),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(), "cpu": cpu_name(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "real_tokens": real,
               "micro_batches": {"padded": len(padded), "packed": len(packed)},
               "tokens_run": {"padded": sum(b.attn_mask.numel() for b in padded),

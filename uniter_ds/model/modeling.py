@@ -126,8 +126,8 @@ def zero3_compile_problem(zero_optimization: dict[str, Any]) -> str | None:
 def compiled_linear_problem() -> str | None:
     """Why compiled layers would train with wrong gradients in this process, or None."""
     zero3_linear = sys.modules.get("deepspeed.runtime.zero.linear")  # imported by DeepSpeed, never here
-    if (torch_version() != TORCH_WITH_INPLACE_FUNCTION_BUG or zero3_linear is None
-            or F.linear is not getattr(zero3_linear, "zero3_linear_wrap", None)):
+    if (zero3_linear is None or F.linear is not getattr(zero3_linear, "zero3_linear_wrap", None)
+            or torch_version() != TORCH_WITH_INPLACE_FUNCTION_BUG):  # every compiled forward asks: cheapest first
         return None
     return ("torch.nn.functional.linear is DeepSpeed's ZeRO-3 linear in this process, and torch "
             f"{torch.__version__} compiles it with wrong gradients (pytorch/pytorch#180642); {ZERO3_LINEAR_REMEDY}")
