@@ -31,8 +31,9 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
     if settings.get("source", "memory") != "memory":
         variant.append(f"from {settings['source']}")
     if settings.get("pack_row_len"):
+        attention = settings.get("packed_attention", "auto")
         variant.append(f"packed {settings['pack_row_len']}" + (", rows" if settings.get("batching") == "rows" else "")
-                       + (", mask" if settings.get("packed_attention") == "mask" else ""))
+                       + (f", {attention}" if attention != "auto" else ""))
     if settings.get("cuda_graphs"):
         variant.append("CUDA graphs")
     rows = []

@@ -8,7 +8,8 @@ layouts get the same pool, batched as training batches it:
 - padded: the pool sorted by length and cut into micro-batches of at most ``--tokens`` padded tokens
   ([samples, longest]), as the budget batcher does;
 - packed: the pool packed best-fit decreasing into rows of ``--row-len``, ``--tokens // --row-len``
-  rows per micro-batch, as the row-filling batcher does; once per attention form (mask, nested).
+  rows per micro-batch, as the row-filling batcher does; once per attention form (mask, nested,
+  buckets).
 
 Time to run the whole pool (every micro-batch once, forward and backward, one task), median of
 ``--repeats`` after a warm-up pass; the same initial weights, dropout on.
@@ -95,7 +96,7 @@ def main() -> int:
     padded = [collate(b, itm(b)) for b in padded_batches(pool, args.tokens)]
     packed = [collate(b, itm(b), pack_row_len=args.row_len) for b in packed_batches(pool, args.tokens, args.row_len)]
     real = sum(length(s) for s in pool)
-    variants = {"padded": (padded, None)} | {f"packed, {form}": (packed, form) for form in ("mask", "nested")}
+    variants = {"padded": (padded, None)} | {f"packed, {form}": (packed, form) for form in ("mask", "nested", "buckets")}
     report = {"command": "python benchmarks/packed_layout.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if v is not None and k != "out"),

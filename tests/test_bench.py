@@ -378,8 +378,9 @@ def test_gpu_check_dry_run(tmp_path):
         ("ours", "eager", 2), ("baseline", "eager", None), ("ours", "compiled, packed 256, rows", 1),
         ("ours", "compiled, packed 256, rows", 2), ("ours", "packed 256, rows", 2)}
     kernels = {row["variant"]: row["kernels"] for row in rows if row["system"] == "ours" and row["zero"] == 2}
-    # --packed-attention auto: the block-diagonal mask on CPU (nested in the GPU form of the check)
-    assert kernels["packed 256, rows"]["layout"] == "packed, 4 rows of 256 (row-filling batcher), block-diagonal mask"
+    # --packed-attention auto: length buckets on CPU (nested in the GPU form of the check)
+    assert kernels["packed 256, rows"]["layout"] == ("packed, 4 rows of 256 (row-filling batcher), samples gathered "
+                                                     "into length buckets")
     assert kernels["packed 256, rows"]["sdpa_backend_ran"] == "math"
     assert kernels["compiled, packed 256, rows"]["torch.compile"] == "encoder layers, IPOT"
     assert all(row["status"] == "ok" for row in rows)

@@ -405,7 +405,7 @@ BAD_INPUTS = [  # (what, --set overrides or extra arguments, what the error must
     ("CUDA graphs over ever-new shapes", ["--set", "model.cuda_graphs=true"],
      "config key 'model.cuda_graphs': needs one encoder shape per run"),
     ("CUDA graphs over nested attention", [*GRAPHABLE, "--set", "model.packed_attention=nested"],
-     "config key 'model.cuda_graphs': the nested attention's sequences change with every batch"),
+     "config key 'model.cuda_graphs': the nested attention's shapes change with every batch"),
     ("CUDA graphs under ZeRO-3", [*GRAPHABLE, "--set", "deepspeed_config={root}/zero3.json"],
      "config key 'model.cuda_graphs': not with ZeRO-3"),
     ("CUDA graphs without a GPU", GRAPHABLE, "config key 'model.cuda_graphs': CUDA graphs need a CUDA GPU"),

@@ -41,6 +41,26 @@ def test_the_nested_attention_sequences_are_the_samples_and_the_row_tails():
     assert batch.pack_offsets.tolist() == [0, 5, 8, 10, 19, 20, 27, 30, 40]
 
 
+def test_length_buckets_gather_each_sample_whole_and_scatter_it_back():
+    from uniter_ds.model.modeling import BUCKET_TOKENS, length_buckets
+
+    lengths = [5, 40, 3, 33, 70]
+    rows, row_len = [0, 1, 0, 2, 3], 80
+    _, _, unpack_index = pack_plan(lengths, seq_len=70, row_len=row_len, rows=rows, num_rows=4)
+    buckets = length_buckets(unpack_index, lengths, 4 * row_len)
+    assert [tuple(g.shape) for g in buckets.gathers] == [(2, 32), (2, 64), (1, 70)]  # 70: the longest, not 96
+    assert BUCKET_TOKENS == 32
+    outputs = torch.cat([g.flatten() for g in buckets.gathers])  # what each bucket position holds
+    real = torch.cat([m.flatten() for m in buckets.key_masks])
+    slots = torch.zeros(4 * row_len, dtype=torch.bool)
+    for sample, length in enumerate(lengths):
+        slots[unpack_index[sample, :length]] = True
+    # Every slot of a sample reads back its own token; positions past a sample's end are masked keys.
+    assert torch.equal(outputs[buckets.scatter][slots], torch.arange(4 * row_len)[slots])
+    assert torch.equal(real[buckets.scatter][slots], torch.ones(int(slots.sum()), dtype=torch.bool))
+    assert int(real.sum()) == sum(lengths)
+
+
 def _samples(config, seed: int, count: int = 7) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     sizes = [(int(torch.randint(4, 14, (1,), generator=g)), int(torch.randint(2, 20, (1,), generator=g)))
@@ -48,7 +68,7 @@ def _samples(config, seed: int, count: int = 7) -> list[dict]:
     return [random_sample(config, t, r, g) for t, r in sizes]
 
 
-@pytest.mark.parametrize("attention", ["nested", "mask"])
+@pytest.mark.parametrize("attention", ["nested", "mask", "buckets"])
 @pytest.mark.parametrize("task", TASKS)
 def test_packed_layout_gives_the_padded_losses_and_gradients(tiny_config, task, attention):
     torch.manual_seed(0)
@@ -78,7 +98,7 @@ def test_packed_layout_gives_the_padded_losses_and_gradients(tiny_config, task, 
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("attention", ["nested", "mask"])
+@pytest.mark.parametrize("attention", ["nested", "mask", "buckets"])
 def test_packed_layout_takes_the_padded_optimizer_steps(tiny_config, attention, compiled):
     """The packed model, eager or compiled (layers and IPOT, as model.compile trains), takes the eager
     padded model's AdamW steps."""
@@ -219,20 +239,22 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_config, monkeypatch)
     encoder.activation_checkpointing = True
     with pytest.raises(RuntimeError, match="activation checkpointing"):
         encoder.use_cuda_graphs()
-    encoder.activation_checkpointing, encoder.packed_attention = False, "nested"
-    with pytest.raises(RuntimeError, match="the nested attention's sequences change with every batch"):
-        encoder.use_cuda_graphs()
+    encoder.activation_checkpointing = False
+    for form in ("nested", "buckets"):
+        encoder.packed_attention = form
+        with pytest.raises(RuntimeError, match=f"the {form} attention's shapes change with every batch"):
+            encoder.use_cuda_graphs()
     assert not encoder.cuda_graphs and not any(p._backward_hooks for p in encoder.parameters())
 
 
-def test_auto_packed_attention_is_nested_on_cuda_without_graphs_else_the_mask(tiny_config):
+def test_auto_packed_attention_is_nested_on_cuda_the_mask_under_graphs_and_buckets_on_cpu(tiny_config):
     encoder = UniterForPretraining(tiny_config).uniter.encoder
     assert encoder.packed_attention == "auto"
     on_cpu = torch.zeros(1)
-    assert not encoder.nested_attention(on_cpu)  # the faster form on CPU (benchmarks/RESULTS.md)
+    assert encoder.packed_attention_form(on_cpu) == "buckets"  # the fastest on CPU (benchmarks/RESULTS.md)
     on_cuda = type("CudaLike", (), {"is_cuda": True})()
-    assert encoder.nested_attention(on_cuda)
+    assert encoder.packed_attention_form(on_cuda) == "nested"
     encoder.cuda_graphs = True  # graphs replay one shape: the dense mask
-    assert not encoder.nested_attention(on_cuda)
+    assert encoder.packed_attention_form(on_cuda) == "mask"
     encoder.packed_attention = "nested"
-    assert encoder.nested_attention(on_cpu)
+    assert encoder.packed_attention_form(on_cpu) == "nested"

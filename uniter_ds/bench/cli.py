@@ -305,10 +305,11 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--batching", choices=["budget", "rows"], default="budget",
                          help="micro-batches of similar lengths within the budget, or (packed layout) exactly "
                               "budget // row-len rows filled from mixed lengths: one shape for every batch")
-        sub.add_argument("--packed-attention", choices=["auto", "nested", "mask"], default="auto",
-                         help="the packed layout's attention: a jagged nested tensor per sample, or dense rows "
-                              "with a block-diagonal mask (one shape: what --cuda-graphs needs); auto: nested on "
-                              "a GPU without --cuda-graphs, else mask")
+        sub.add_argument("--packed-attention", choices=["auto", "nested", "mask", "buckets"], default="auto",
+                         help="the packed layout's attention: a jagged nested tensor per sample, dense rows "
+                              "with a block-diagonal mask (one shape: what --cuda-graphs needs), or the samples "
+                              "gathered into buckets of similar length (the fastest on CPU); auto: nested on "
+                              "a GPU (mask with --cuda-graphs), buckets on a CPU")
         sub.add_argument("--cuda-graphs", action="store_true",
                          help="GPU: replay the encoder's layers from CUDA graphs (needs --layout packed "
                               "--batching rows)")

@@ -85,7 +85,7 @@ class BenchSettings:
     deepspeed_config: str | None = None  # a DeepSpeed JSON (precision and ZeRO stage are read from it)
     pack_row_len: int | None = None  # ours in the packed layout, rows of this many tokens; None: padded
     batching: str = "budget"  # budget | rows (the packed layout's row-filling batcher: one shape per batch)
-    packed_attention: str = "auto"  # the packed layout's attention: nested (jagged) | mask (dense) | auto
+    packed_attention: str = "auto"  # the packed layout's attention: nested (jagged) | mask (dense) | buckets | auto
     cuda_graphs: bool = False  # replay the encoder's layers from CUDA graphs (needs batching rows and a GPU)
 
     def __post_init__(self) -> None:
@@ -99,13 +99,14 @@ class BenchSettings:
                   "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1,
                   "batching": self.batching == "budget" or (self.batching == "rows" and self.pack_row_len is not None
                                                             and self.pack_row_len <= self.token_budget),
-                  "packed_attention": self.packed_attention in ("auto", "nested", "mask"),
-                  "cuda_graphs": not self.cuda_graphs or (self.batching == "rows" and self.packed_attention != "nested"
+                  "packed_attention": self.packed_attention in ("auto", "nested", "mask", "buckets"),
+                  "cuda_graphs": not self.cuda_graphs or (self.batching == "rows"
+                                                          and self.packed_attention in ("auto", "mask")
                                                           and not self.compile and not self.activation_checkpointing)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             hints = {"batching": " (rows: needs --layout packed and a budget >= --pack-row-len)",
-                     "cuda_graphs": " (needs --layout packed --batching rows, not --packed-attention nested; not "
+                     "cuda_graphs": " (needs --layout packed --batching rows, --packed-attention auto or mask; not "
                                     "with --compile or --activation-checkpointing)"}
             raise ValueError("bench settings: invalid " + ", ".join(f"{n}={getattr(self, n)!r}{hints.get(n, '')}"
                                                                      for n in bad))
@@ -203,10 +204,14 @@ def dataset_folder(settings: BenchSettings, config: UniterConfig) -> Path:
     return folder
 
 
-def layout_name(settings: BenchSettings, nested: bool) -> str:
+PACKED_ATTENTION_NAMES = {"nested": "nested attention", "mask": "block-diagonal mask",
+                          "buckets": "samples gathered into length buckets"}
+
+
+def layout_name(settings: BenchSettings, form: str) -> str:
     if settings.pack_row_len is None:
         return "padded"
-    attention = "nested attention" if nested else "block-diagonal mask"
+    attention = PACKED_ATTENTION_NAMES[form]
     if settings.batching == "rows":
         return (f"packed, {settings.token_budget // settings.pack_row_len} rows of {settings.pack_row_len} "
                 f"(row-filling batcher), {attention}")
@@ -598,11 +603,11 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
                 raise ValueError("--cuda-graphs: not with ZeRO-3 (its hooks gather each layer's parameters inside "
                                  "the forward, which a graph cannot replay)")
             model.uniter.encoder.use_cuda_graphs()
-        nested = settings.pack_row_len is not None and model.uniter.encoder.nested_attention(
-            torch.empty(0, device=device))
+        form = model.uniter.encoder.packed_attention_form(torch.empty(0, device=device))
+        if settings.pack_row_len is None:
+            form = "padded"
         ran = attention_backend(config.num_attention_heads, config.head_dim, config.attention_probs_dropout_prob,
-                                device, dtype, settings.sdpa_backend, packed=settings.pack_row_len is not None,
-                                nested=nested)
+                                device, dtype, settings.sdpa_backend, packed=form == "mask", nested=form == "nested")
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
         names = [f"bench/{t}" for t in sorted(set(settings.tasks))]
         window = new_window(names, device)
@@ -610,7 +615,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
         kernels = active_kernels(model) | {"sdpa_backend_requested": settings.sdpa_backend,
                                            "sdpa_backend_ran": ran,
                                            "torch.compile": "encoder layers, IPOT" if settings.compile else "off",
-                                           "layout": layout_name(settings, nested),
+                                           "layout": layout_name(settings, form),
                                            "optimizer": type(engine.optimizer).__name__,
                                            "adamw": settings.optimizer}
 

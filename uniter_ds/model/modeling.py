@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,52 @@ def compiled_linear_problem() -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
+class LengthBuckets(NamedTuple):
+    """The packed rows' attention run on the samples themselves: each sample's queries, keys and values
+    gathered from the rows into a bucket of samples padded to the same multiple of ``BUCKET_TOKENS``, one
+    attention call per bucket, the context scattered back into the rows. No score across samples, and
+    ~1.3x the samples' own scores where the dense mask computes ~3.5x (rows of 256)."""
+
+    gathers: tuple[Tensor, ...]  # per bucket [n, Lb]: each token's flat row position (0 past a sample's end)
+    key_masks: tuple[Tensor, ...]  # per bucket [n, 1, 1, Lb]: True on each sample's tokens
+    scatter: Tensor  # [R * Lr]: each row slot's position in the buckets' outputs, concatenated (empty slots: 0)
+
+
+BUCKET_TOKENS = 32
+
+
+def length_buckets(unpack_index: Tensor, lengths: Sequence[int], row_slots: int) -> LengthBuckets:
+    """:class:`LengthBuckets` for a packed batch: ``unpack_index`` [B, L] (each compact position's flat row
+    position), the samples' ``lengths`` (host integers: built on the host, then moved to the index's device)."""
+    device = unpack_index.device
+    by_length: dict[int, list[int]] = {}
+    for sample, length in enumerate(lengths):
+        by_length.setdefault(min(-(-length // BUCKET_TOKENS) * BUCKET_TOKENS, unpack_index.size(1)), []).append(sample)
+    gathers, key_masks, scatter, start = [], [], torch.zeros(row_slots, dtype=torch.long, device=device), 0
+    for bucket_length, samples in sorted(by_length.items()):
+        within = (torch.arange(bucket_length)[None] < torch.tensor([lengths[i] for i in samples])[:, None]).to(device)
+        gather = unpack_index[torch.tensor(samples, device=device), :bucket_length] * within
+        outputs = start + torch.arange(within.numel(), device=device).view_as(within)
+        scatter[gather[within]] = outputs[within]
+        gathers.append(gather)
+        key_masks.append(within[:, None, None, :])
+        start += within.numel()
+    return LengthBuckets(tuple(gathers), tuple(key_masks), scatter)
+
+
+@torch.compiler.disable  # its shapes and its number of calls change with every batch: no graph to reuse
+def bucketed_attention(qkv: Tensor, buckets: LengthBuckets, num_heads: int, dropout: float) -> Tensor:
+    """``qkv`` [R * Lr, 3H] of the flattened rows -> the context [R * Lr, H], each sample attending within itself."""
+    hidden = qkv.size(-1) // 3
+    contexts = []
+    for gather, key_mask in zip(buckets.gathers, buckets.key_masks):
+        count, length = gather.shape
+        q, k, v = qkv[gather].view(count, length, 3, num_heads, hidden // num_heads).permute(2, 0, 3, 1, 4)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
+        contexts.append(context.transpose(1, 2).reshape(count * length, hidden))
+    return torch.cat(contexts)[buckets.scatter]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: UniterConfig):
         super().__init__()
@@ -147,11 +193,15 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        """``key_mask``: a boolean mask SDPA broadcasts over the scores, or (packed rows) the offsets of
-        the sequences in the flattened rows: each attends within itself, as a jagged nested tensor."""
+    def forward(self, x: Tensor, key_mask: Tensor | LengthBuckets) -> Tensor:
+        """``key_mask``: a boolean mask SDPA broadcasts over the scores; or, for packed rows, the offsets
+        of the sequences in the flattened rows (each attends within itself, as a jagged nested tensor), or
+        :class:`LengthBuckets`."""
         batch, length, hidden = x.shape
         dropout = self.attention_dropout if self.training else 0.0
+        if isinstance(key_mask, LengthBuckets):
+            context = bucketed_attention(self.qkv(x).flatten(0, 1), key_mask, self.num_heads, dropout)
+            return self.out(context.view(batch, length, hidden))
         if key_mask.dim() == 1:
             # Sequence-length bounds given, not measured: measuring them reads the offsets on the host (a sync).
             # No sequence is empty (the offsets skip empty row tails) or longer than a row.
@@ -206,7 +256,9 @@ class Encoder(nn.Module):
         self.activation_checkpointing = False
         # The packed layout's attention: "nested" (one jagged sequence per sample: no score across two
         # samples is computed; CUDA's variable-length kernels), "mask" (dense rows with a block-diagonal
-        # mask; one shape, for CUDA graphs; the faster on CPU) or "auto" (nested on CUDA without graphs).
+        # mask; one shape, for CUDA graphs), "buckets" (LengthBuckets: the samples gathered by length, the
+        # fastest on CPU; reads the lengths on the host) or "auto" (CUDA: nested, mask under CUDA graphs;
+        # elsewhere buckets).
         self.packed_attention = "auto"
         self.cuda_graphs = False
         self.graphed: dict[tuple, nn.Module] = {}  # input shapes -> the layer stack replayed from CUDA graphs
@@ -239,19 +291,20 @@ class Encoder(nn.Module):
             raise RuntimeError("CUDA graphs (model.cuda_graphs / --cuda-graphs) need a CUDA GPU; none is visible")
         if self.activation_checkpointing:
             raise RuntimeError("CUDA graphs cannot replay activation checkpointing's recomputation: turn one off")
-        if self.packed_attention == "nested":
-            raise RuntimeError("CUDA graphs replay one shape; the nested attention's sequences change with every "
-                               "batch: use the mask form (model.packed_attention: mask or auto)")
+        if self.packed_attention in ("nested", "buckets"):
+            raise RuntimeError(f"CUDA graphs replay one shape; the {self.packed_attention} attention's shapes change "
+                               "with every batch: use the mask form (model.packed_attention: mask or auto)")
         if not self.cuda_graphs:
             for parameter in self.layers.parameters():
                 parameter.register_hook(torch.clone)
         self.cuda_graphs = True
 
-    def nested_attention(self, x: Tensor) -> bool:
-        """Whether packed rows of ``x`` attend as jagged nested tensors (else with the block-diagonal mask)."""
+    def packed_attention_form(self, x: Tensor) -> str:
+        """How packed rows of ``x`` attend: "nested", "mask" or "buckets" (``packed_attention`` with auto
+        resolved for ``x``'s device; benchmarks/RESULTS.md measures each)."""
         if self.packed_attention == "auto":
-            return x.is_cuda and not self.cuda_graphs
-        return self.packed_attention == "nested"
+            return ("mask" if self.cuda_graphs else "nested") if x.is_cuda else "buckets"
+        return self.packed_attention
 
     def _graphed_stack(self, x: Tensor, key_mask: Tensor) -> nn.Module | None:
         key = (tuple(x.shape), x.dtype, tuple(key_mask.shape), key_mask.dtype, x.device)
@@ -265,12 +318,12 @@ class Encoder(nn.Module):
                           f"as every further shape (data.batching: rows gives one shape per run)", stacklevel=3)
         return stack
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | LengthBuckets) -> Tensor:
         """``attn_mask``: [B, L] (True on real tokens: every query sees them), [B, L, L] (which keys each
-        query sees: the packed layout's block diagonal), or [S + 1] offsets (the packed layout's
-        sequences in the flattened rows, for the nested attention)."""
+        query sees: the packed layout's block diagonal), [S + 1] offsets (the packed layout's
+        sequences in the flattened rows, for the nested attention), or :class:`LengthBuckets`."""
         key_mask = attn_mask
-        if attn_mask.dim() > 1:  # broadcast over heads (and, for [B, L], over queries)
+        if isinstance(attn_mask, Tensor) and attn_mask.dim() > 1:  # broadcast over heads (and queries for [B, L])
             key_mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask[:, None]
         if self.compiled and (problem := compiled_linear_problem()):
             raise RuntimeError(problem)
@@ -411,10 +464,14 @@ class UniterModel(UniterPreTrainedModel):
             x = self.encoder(x, batch.attn_mask)
         else:  # rows of several samples, each token attending to its own sample's only
             hidden = x.size(-1)
-            if self.encoder.nested_attention(x):
+            form = self.encoder.packed_attention_form(x)
+            if form == "nested":
                 within = batch.pack_offsets
-            else:
+            elif form == "mask":
                 within = batch.pack_segments.unsqueeze(2) == batch.pack_segments.unsqueeze(1)
+            else:
+                within = length_buckets(batch.unpack_index, (batch.txt_lens + batch.img_lens).tolist(),
+                                        batch.pack_index.numel())
             rows = self.encoder(x.reshape(-1, hidden)[batch.pack_index], within)
             x = rows.reshape(-1, hidden)[batch.unpack_index]
         pooled = torch.tanh(self.pooler(x[:, 0]))

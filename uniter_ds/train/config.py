@@ -38,8 +38,9 @@ class ModelSection:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder layers and WRA's IPOT loop (dynamic shapes)
     # The packed layout's attention: "nested" (a jagged nested tensor, one sequence per sample: nothing
-    # computed across samples), "mask" (dense rows, block-diagonal mask: one shape, for CUDA graphs; the
-    # faster on CPU) or "auto" (nested on a GPU without CUDA graphs, else mask).
+    # computed across samples), "mask" (dense rows, block-diagonal mask: one shape, for CUDA graphs),
+    # "buckets" (the samples gathered into buckets of similar length: the fastest on CPU) or "auto"
+    # (GPU: nested, mask under CUDA graphs; CPU: buckets).
     packed_attention: str = "auto"
     # Replay the encoder's layers from CUDA graphs (GPU; one shape per run: data.batching rows).
     cuda_graphs: bool = False
@@ -158,7 +159,7 @@ class ExperimentConfig:
                    "data.resume": (self.data.resume, ("exact", "replay", "reseed")),
                    "data.layout": (self.data.layout, ("padded", "packed")),
                    "data.batching": (self.data.batching, ("budget", "rows")),
-                   "model.packed_attention": (self.model.packed_attention, ("auto", "nested", "mask")),
+                   "model.packed_attention": (self.model.packed_attention, ("auto", "nested", "mask", "buckets")),
                    "optim.implementation": (self.optim.implementation, ("torch", "deepspeed")),
                    "model.preset": (self.model.preset, ("tiny", "base", "large")),
                    "model.mrc_kl": (self.model.mrc_kl, ("original", "per_region"))}
@@ -196,9 +197,9 @@ class ExperimentConfig:
         if self.model.cuda_graphs and self.data.batching != "rows":
             raise bad("model.cuda_graphs", "needs one encoder shape per run: set data.layout: packed and "
                                            "data.batching: rows")
-        if self.model.cuda_graphs and self.model.packed_attention == "nested":
-            raise bad("model.cuda_graphs", "the nested attention's sequences change with every batch, a graph "
-                                           "replays one shape: set model.packed_attention: mask or auto")
+        if self.model.cuda_graphs and self.model.packed_attention in ("nested", "buckets"):
+            raise bad("model.cuda_graphs", f"the {self.model.packed_attention} attention's shapes change with every "
+                                           "batch, a graph replays one shape: set model.packed_attention: mask or auto")
         if self.model.cuda_graphs and (self.model.activation_checkpointing or self.model.compile):
             raise bad("model.cuda_graphs", "not with model.activation_checkpointing or model.compile (a graph "
                                            "cannot replay a recomputation; compile has its own graphs)")
