@@ -384,3 +384,21 @@ def test_gpu_check_dry_run(tmp_path):
     assert kernels["packed 256, rows"]["sdpa_backend_ran"] == "math"
     assert kernels["compiled, packed 256, rows"]["torch.compile"] == "encoder layers, IPOT"
     assert all(row["status"] == "ok" for row in rows)
+
+
+@pytest.mark.parametrize("device, preset, budget", [("cpu", "large", 4096), ("cuda", "large", 49152),
+                                                    ("cuda", "base", 49152), ("cuda", "tiny", 4096)])
+def test_the_default_token_budget_keeps_a_gpu_busy(device, preset, budget, tmp_path, monkeypatch):
+    """Without --token-budget a GPU gets 48k-token micro-batches (a 4k one leaves it waiting on launches)."""
+    import torch
+
+    from uniter_ds import cli
+    from uniter_ds.bench import train
+
+    measured = []
+    monkeypatch.setattr(train, "bench_ours", lambda settings, budgets, record, *args: measured.extend(budgets))
+    monkeypatch.setattr(train, "device_peak", lambda device, precision: (2.0, "fake peak"))
+    monkeypatch.setattr(train, "environment", lambda device: {"device": device.type})
+    monkeypatch.setattr("uniter_ds.train.distributed.init_distributed", lambda: (0, 1, torch.device(device)))
+    cli.main(["bench", "train", "--preset", preset, "--out", str(tmp_path / "report.json")])
+    assert measured == [budget]

@@ -53,9 +53,10 @@ def _relaunch(args: argparse.Namespace) -> int:
     import torch
 
     from ..train.launch import launcher_options
-    from .train import dataset_folder
+    from .train import dataset_folder, default_token_budget
 
-    for budget in args.token_budget:  # write the synthetic shards once, before the ranks start
+    budgets = args.token_budget or [default_token_budget(args.preset, torch.cuda.is_available())]
+    for budget in budgets:  # write the synthetic shards once, before the ranks start
         settings = _settings(args, budget)
         dataset_folder(settings, settings.model_config())
     # The ranks read LOCAL_RANK from the environment instead of a --local_rank argument.
@@ -110,6 +111,7 @@ def _train(args: argparse.Namespace) -> int:
         bench_baseline,
         bench_ours,
         default_precision,
+        default_token_budget,
         device_peak,
         environment,
         with_utilisation,
@@ -124,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
         args.precision = default_precision(device.type == "cuda")
     peak = device_peak(device, args.precision)
     out = Path(args.out) if args.out else None
-    budgets = sorted(set(args.token_budget))
+    budgets = sorted(set(args.token_budget or [default_token_budget(args.preset, device.type == "cuda")]))
     profile_budget = args.profile_budget or budgets[-1]
     if args.profile and profile_budget not in budgets:
         raise ValueError(f"--profile-budget {profile_budget} is not one of the token budgets {budgets}")
@@ -287,8 +289,9 @@ def add_parser(commands: Any) -> None:
                        ("compare", "ours and the Hugging Face baseline on the same batches, and the ratio")):
         sub = bench.add_parser(name, help=text)
         common(sub)
-        sub.add_argument("--token-budget", type=int, nargs="+", default=[4096],
-                         help="tokens per micro-batch; several values: a sweep")
+        sub.add_argument("--token-budget", type=int, nargs="+",
+                         help="tokens per micro-batch; several values: a sweep (default: 49152 on a GPU, where "
+                              "smaller micro-batches leave it waiting on launches; 4096 on a CPU and for tiny)")
         sub.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
         sub.add_argument("--source", choices=["memory", "shards"], default="memory",
                          help="pre-built in-memory batches, or the live shard reader with DataLoader workers")

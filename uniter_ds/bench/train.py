@@ -125,6 +125,18 @@ def default_precision(on_gpu: bool, flags: set[str] | None = None) -> str:
     return "bf16" if on_gpu or cpu_native_bf16(flags) else "fp32"
 
 
+# A GPU is busy only with big micro-batches: UNITER-large bf16 on an H200 ran at 15-20% MFU with 8k
+# tokens and 31% with 48k, in 47 GB (benchmarks/RESULTS.md, GPU), so 48k fits an 80-GB card too. On a CPU
+# a micro-batch of 4k tokens already takes seconds.
+GPU_TOKEN_BUDGET = 49152
+CPU_TOKEN_BUDGET = 4096
+
+
+def default_token_budget(preset: str, on_gpu: bool) -> int:
+    """``bench train`` / ``compare``'s token budget per micro-batch when none is given."""
+    return GPU_TOKEN_BUDGET if on_gpu and preset != "tiny" else CPU_TOKEN_BUDGET
+
+
 def gpu_peak(name: str) -> tuple[float, str]:
     for pattern, peak, card in GPU_PEAKS:
         if pattern in name:
