@@ -96,7 +96,8 @@ def main() -> int:
     padded = [collate(b, itm(b)) for b in padded_batches(pool, args.tokens)]
     packed = [collate(b, itm(b), pack_row_len=args.row_len) for b in packed_batches(pool, args.tokens, args.row_len)]
     real = sum(length(s) for s in pool)
-    variants = {"padded": (padded, None)} | {f"packed, {form}": (packed, form) for form in ("mask", "nested", "buckets")}
+    forms = ("mask", "nested", "buckets")
+    variants = {"padded": (padded, None)} | {f"packed, {form}": (packed, form) for form in forms}
     report = {"command": "python benchmarks/packed_layout.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if v is not None and k != "out"),

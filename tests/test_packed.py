@@ -258,3 +258,7 @@ def test_auto_packed_attention_is_nested_on_cuda_the_mask_under_graphs_and_bucke
     assert encoder.packed_attention_form(on_cuda) == "mask"
     encoder.packed_attention = "nested"
     assert encoder.packed_attention_form(on_cpu) == "nested"
+    model = UniterForPretraining(tiny_config)
+    model.uniter.encoder.packed_attention = "Mask"  # set in code, past the config's check
+    with pytest.raises(ValueError, match="packed_attention 'Mask': expected auto, nested, mask or buckets"):
+        model(collate(_samples(tiny_config, 0), [1, 0, 1, 1, 0, 1, 0], pack_row_len=40), "mlm")

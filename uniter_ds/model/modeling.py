@@ -469,9 +469,11 @@ class UniterModel(UniterPreTrainedModel):
                 within = batch.pack_offsets
             elif form == "mask":
                 within = batch.pack_segments.unsqueeze(2) == batch.pack_segments.unsqueeze(1)
-            else:
+            elif form == "buckets":
                 within = length_buckets(batch.unpack_index, (batch.txt_lens + batch.img_lens).tolist(),
                                         batch.pack_index.numel())
+            else:
+                raise ValueError(f"packed_attention {form!r}: expected auto, nested, mask or buckets")
             rows = self.encoder(x.reshape(-1, hidden)[batch.pack_index], within)
             x = rows.reshape(-1, hidden)[batch.unpack_index]
         pooled = torch.tanh(self.pooler(x[:, 0]))
