@@ -230,7 +230,8 @@ def test_the_row_filling_batcher_sends_full_rows_of_one_shape_and_every_sample_o
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_config, monkeypatch):
-    """Graphed training itself runs in tests/test_gpu.py; here, what refuses it (and nothing is hooked)."""
+    """Graphed training runs in tests/test_gpu.py (and on a CPU stand-in below); here, what refuses it
+    (and nothing is hooked)."""
     encoder = UniterForPretraining(tiny_config).uniter.encoder
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="need a CUDA GPU; none is visible"):
@@ -245,6 +246,111 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_config, monkeypatch)
         with pytest.raises(RuntimeError, match=f"the {form} attention's shapes change with every batch"):
             encoder.use_cuda_graphs()
     assert not encoder.cuda_graphs and not any(p._backward_hooks for p in encoder.parameters())
+
+
+def _graphed_on_the_cpu(module: torch.nn.Module, sample_args: tuple) -> object:
+    """``torch.cuda.make_graphed_callables``' contract, kept on the CPU (torch/cuda/graphs.py): the
+    module runs inside one autograd Function whose output and whose gradients (for the input and every
+    parameter) live in static buffers that the next call overwrites, handed out as detached aliases."""
+    params = tuple(p for p in module.parameters() if p.requires_grad)
+    buffers: dict[int, torch.Tensor] = {}
+
+    def static(slot: int, value: torch.Tensor | None) -> torch.Tensor | None:
+        if value is None:
+            return None
+        if slot not in buffers:
+            buffers[slot] = torch.empty_like(value)
+        return buffers[slot].copy_(value).detach()
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, key_mask, *weights):
+            with torch.enable_grad():
+                ctx.x = x.detach().requires_grad_(x.requires_grad)
+                ctx.out = module(ctx.x, key_mask)
+            return static(-1, ctx.out.detach())
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_out):
+            grads = torch.autograd.grad(ctx.out, (ctx.x, *params), grad_out, allow_unused=True)
+            return (static(0, grads[0]), None, *(static(i + 1, g) for i, g in enumerate(grads[1:])))
+
+    assert sample_args[0].requires_grad
+    return lambda x, key_mask: Replay.apply(x, key_mask, *params)
+
+
+@pytest.fixture
+def graphs_on_the_cpu(monkeypatch):
+    """The encoder's CUDA-graph path (capture per shape, gradient hooks) run on the CPU stand-in."""
+    from uniter_ds.model.modeling import Encoder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _graphed_on_the_cpu)
+    monkeypatch.setattr(Encoder, "graph_device_type", "cpu")
+
+
+def _rows(config, seed: int, num_rows: int = 6) -> tuple[str, object]:
+    from uniter_ds.model.inputs import pack
+
+    task = TASKS[seed % len(TASKS)]
+    return task, pack(collate(_samples(config, seed, count=5), [1, 0, 1, 0, seed % 2]), 40, num_rows=num_rows)
+
+
+def test_graphed_layers_accumulate_and_step_as_the_eager_ones(tiny_config, graphs_on_the_cpu):
+    """Two micro-batches per AdamW step, three steps, every task: the graphed model's losses, summed
+    gradients and weights are the eager model's. The graph's gradient buffers are overwritten by the
+    next replay: without the copy out of them, .grad aliases a buffer and the second micro-batch's
+    gradient counts twice (pytorch/pytorch#181723); tests/test_gpu.py runs the real graphs."""
+    torch.manual_seed(0)
+    eager = UniterForPretraining(tiny_config).train()
+    eager.uniter.encoder.packed_attention = "mask"  # the one-shape form graphs replay
+    graphed = copy.deepcopy(eager)
+    graphed.uniter.encoder.use_cuda_graphs()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, graphed)]
+    for step in range(3):
+        micro = [_rows(tiny_config, 20 + 2 * step), _rows(tiny_config, 21 + 2 * step)]
+        losses = []
+        for model, optimizer in zip((eager, graphed), optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            losses.append([])
+            for task, batch in micro:
+                loss = model(batch, task).loss
+                loss.backward()
+                losses[-1].append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6), f"step {step}"
+        for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")
+        for optimizer in optimizers:
+            optimizer.step()
+    assert len(graphed.uniter.encoder.graphed) == 1  # one shape, captured once
+    for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_graphs_are_captured_for_a_few_shapes_then_the_layers_run_eagerly(tiny_config, graphs_on_the_cpu):
+    from uniter_ds.model.modeling import MAX_GRAPHED_SHAPES
+
+    model = UniterForPretraining(tiny_config).train()
+    model.uniter.encoder.packed_attention = "mask"
+    model.uniter.encoder.use_cuda_graphs()
+    reference = copy.deepcopy(model)
+    reference.uniter.encoder.cuda_graphs = False
+    shapes = range(6, 6 + MAX_GRAPHED_SHAPES + 2)
+    with pytest.warns(UserWarning, match=f"{MAX_GRAPHED_SHAPES} input shapes captured already") as caught:
+        for num_rows in [*shapes, *shapes]:  # each shape twice: a captured one replays, an eager one warns once
+            task, batch = _rows(tiny_config, 3, num_rows)
+            loss = model(batch, task).loss
+            assert loss.item() == pytest.approx(reference(batch, task).loss.item(), rel=1e-5, abs=1e-6), num_rows
+    assert len([w for w in caught if "captured already" in str(w.message)]) == 2  # shapes 5 and 6, once each
+    assert len(model.uniter.encoder.graphed) == MAX_GRAPHED_SHAPES
+    model.uniter.encoder.graphed.clear()
+    with torch.no_grad():
+        model(_rows(tiny_config, 3, 30)[1], "mlm")  # evaluation runs eagerly: nothing captured ...
+    model.eval()
+    model(_rows(tiny_config, 3, 30)[1], "mlm")  # ... nor in eval mode with gradients on
+    assert not model.uniter.encoder.graphed
 
 
 def test_auto_packed_attention_is_nested_on_cuda_the_mask_under_graphs_and_buckets_on_cpu(tiny_config):

@@ -250,6 +250,8 @@ class _LayerStack(nn.Module):
 
 
 class Encoder(nn.Module):
+    graph_device_type = "cuda"  # where captured graphs replay (tests/test_packed.py stands a CPU in for it)
+
     def __init__(self, config: UniterConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -327,7 +329,7 @@ class Encoder(nn.Module):
             key_mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask[:, None]
         if self.compiled and (problem := compiled_linear_problem()):
             raise RuntimeError(problem)
-        if self.cuda_graphs and self.training and torch.is_grad_enabled() and x.is_cuda:
+        if self.cuda_graphs and self.training and torch.is_grad_enabled() and x.device.type == self.graph_device_type:
             stack = self._graphed_stack(x, key_mask)
             if stack is not None:
                 return stack(x, key_mask)
