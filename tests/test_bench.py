@@ -386,6 +386,30 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(row["status"] == "ok" for row in rows)
 
 
+def test_the_gpu_check_stops_within_its_time_budget(tmp_path):
+    """GPU_CHECK_SECONDS bounds the whole check (the device tool's window is 7 minutes): the steps get
+    what is left of it, those with under 10 s left are skipped, and the check fails saying so."""
+    import re
+    import subprocess
+    import sys
+
+    from .launcher import ROOT, cpu_env
+
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run"], cwd=ROOT,
+                            env=cpu_env() | {"OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_SECONDS": "11"},
+                            capture_output=True, text=True, timeout=120)
+    log = (out / "check.log").read_text()
+    assert result.returncode != 0, log
+    for name in ("tests", "syncs"):  # started with 11 s left: cut there, or done sooner
+        assert f"== {name} (limit 11s)" in log, log
+        seconds = int(re.search(rf"^== {name}: exit \d+ after (\d+)s", log, re.M).group(1))
+        assert seconds <= 12, log
+    for name in ("compare", "packed", "compiled", "combined"):
+        assert re.search(rf"^== {name}: skipped, [0-9]s left of the check's 11s$", log, re.M), log
+    assert json.loads((out / "summary.json").read_text())["rows"]  # one row per missing report, still written
+
+
 @pytest.mark.parametrize("device, preset, budget", [("cpu", "large", 4096), ("cuda", "large", 49152),
                                                     ("cuda", "base", 49152), ("cuda", "tiny", 4096)])
 def test_the_default_token_budget_keeps_a_gpu_busy(device, preset, budget, tmp_path, monkeypatch):
