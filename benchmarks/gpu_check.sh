@@ -7,7 +7,8 @@
 # The whole check stops within GPU_CHECK_SECONDS (default 400 on the GPU: the device tool's 7 minutes less
 # the summary and the archive; call it with timeout_s 430): a step gets its own limit or what is left,
 # whichever is less, and a step with under 10 s left is skipped (logged, and the check fails). A rerun in
-# the same window can pass a smaller budget. Time limits per step (seconds, GPU form; the check took
+# the same window can pass a smaller budget and GPU_CHECK_STEPS="compiled combined" (the steps to run; the
+# others are logged as not selected). Time limits per step (seconds, GPU form; the check took
 # 279-322 s in its last windows, ~400 s expected now; every step at its limit would be 560 s):
 #   install   30  carried wheels into /tmp/site
 #   imports   30  stops the check if deepspeed / webdataset / ot do not import
@@ -52,6 +53,10 @@ check_seconds=${GPU_CHECK_SECONDS:-$([ "$mode" = gpu ] && echo 400 || echo 3600)
 step() {  # step NAME LIMIT COMMAND...: run bounded, log exit status, time and the end of its output
     local name=$1 limit=$2 start rc left
     shift 2
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " install imports $GPU_CHECK_STEPS " != *" $name "* ]]; then
+        echo "== $name: not selected (GPU_CHECK_STEPS)" >> "$log"
+        return 126
+    fi
     start=$(date +%s)
     left=$(( started + check_seconds - start ))
     if [ $left -lt 10 ]; then
