@@ -7,7 +7,7 @@
 # The whole check stops within GPU_CHECK_SECONDS (default 400 on the GPU: the device tool's 7 minutes less
 # the summary and the archive; call it with timeout_s 430): a step gets its own limit or what is left,
 # whichever is less, and a step with under 10 s left is skipped (logged, and the check fails). A rerun in
-# the same window can pass a smaller budget and GPU_CHECK_STEPS="compiled combined" (the steps to run; the
+# the same window can pass a smaller budget and GPU_CHECK_STEPS="packed graphs" (the steps to run; the
 # others are logged as not selected). Time limits per step (seconds, GPU form; the check took
 # 279-322 s in its last windows, ~400 s expected now; every step at its limit would be 560 s):
 #   install   30  carried wheels into /tmp/site
@@ -19,14 +19,14 @@
 #   compare   90  UNITER-large bf16 ZeRO-2 (ds_configs/zero2_bf16.json), ours and the baseline at 32k and
 #                 48k tokens per micro-batch (out of memory is recorded, not fatal), a kernel-level
 #                 profile of ours at 32k
-#   packed    45  ours at 32k in the packed layout, the row-filling batcher: 128 rows of 256 tokens,
-#                 nested (jagged, varlen) attention
-#   graphs    45  the same with the block-diagonal mask, the encoder replayed from CUDA graphs
-#   compiled  90  the packed step's run with torch.compile of the encoder layers and IPOT (ZeRO-2: right
-#                 on the image's torch 2.11, where only DeepSpeed's ZeRO-3 linear compiles wrong;
-#                 Inductor compiles the layers and IPOT in its first step)
+#   compiled  90  ours at 32k in the packed layout (the row-filling batcher: 128 rows of 256 tokens,
+#                 nested (jagged, varlen) attention) with torch.compile of the encoder layers and IPOT
+#                 (ZeRO-2: right on the image's torch 2.11, where only DeepSpeed's ZeRO-3 linear compiles
+#                 wrong; Inductor compiles the layers and IPOT in its first step)
 #   combined  60  the packed layout (nested attention) at 48k tokens under ZeRO-1, compiled where the
 #                 compiled step succeeded (its kernels cached by then): the options together
+#   packed    45  the compiled row's run, eager
+#   graphs    45  the same with the block-diagonal mask, the encoder replayed from CUDA graphs
 # Measured and not repeated here (benchmarks/RESULTS.md, H200): the memory-efficient attention kernel
 # (--sdpa-backend efficient, +9%), DeepSpeed's FusedAdam (--optimizer deepspeed, +0%, needs a 47 s nvcc
 # build), benchmarks/compile_check.py (0533f6e); in two or three windows (0533f6e, c457957, 753920f): the
@@ -117,9 +117,17 @@ step compare "${limits[1]}" "${bench[@]}" compare "${common[@]}" --token-budget 
     --profile-budget $one --out "$OUT/compare.json"
 reports=("$OUT/compare.json")
 # The packed layout (issue 15): rows of 256 tokens (a sample is at most 62 + 100), batches of exactly
-# budget / 256 rows; attention per sample as a jagged nested tensor; then the one-shape form (dense rows,
-# block-diagonal mask) replayed from CUDA graphs.
+# budget / 256 rows, attention per sample as a jagged nested tensor. The options together come first
+# (compiled, then combined) so a check cut short by its budget loses the single-option rows: packed
+# alone, then the one-shape form (dense rows, block-diagonal mask) replayed from CUDA graphs.
 packed=(--token-budget $one --layout packed --batching rows --pack-row-len 256)
+step compiled "${limits[3]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --compile --out "$OUT/compiled.json"
+compiled_ok=$?
+reports+=("$OUT/compiled.json")
+# Every option that ran: compile only where the compiled step succeeded, so one failure costs one row.
+step combined "${limits[2]}" "${bench[@]}" train "${common[@]}" --zero 1 --token-budget $big --layout packed \
+    --batching rows --pack-row-len 256 $([ $compiled_ok = 0 ] && echo --compile) --out "$OUT/combined.json"
+reports+=("$OUT/combined.json")
 step packed "${limits[4]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --packed-attention auto \
     --out "$OUT/packed.json"
 reports+=("$OUT/packed.json")
@@ -130,13 +138,6 @@ if [ "$mode" = gpu ]; then
 else
     echo "== graphs: not run, CUDA graphs need a GPU" >> "$log"
 fi
-step compiled "${limits[3]}" "${bench[@]}" train "${common[@]}" "${packed[@]}" --compile --out "$OUT/compiled.json"
-compiled_ok=$?
-reports+=("$OUT/compiled.json")
-# Every option that ran: compile only where the compiled step succeeded, so one failure costs one row.
-step combined "${limits[2]}" "${bench[@]}" train "${common[@]}" --zero 1 --token-budget $big --layout packed \
-    --batching rows --pack-row-len 256 $([ $compiled_ok = 0 ] && echo --compile) --out "$OUT/combined.json"
-reports+=("$OUT/combined.json")
 
 $python benchmarks/gpu_summary.py "${reports[@]}" --out "$OUT/summary.json" > "$work/summary.txt" 2>&1
 echo "== total $(( $(date +%s) - started ))s" >> "$log"
