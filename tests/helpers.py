@@ -1,4 +1,5 @@
-"""Tiny samples and batches for the model tests; a loopback HTTP server for the data tests."""
+"""Tiny samples and batches for the model tests; a CPU stand-in for CUDA graphs; a loopback HTTP server
+for the data tests."""
 
 from __future__ import annotations
 
@@ -47,6 +48,38 @@ def collate(samples: list[dict], itm_targets: list[int] | None = None, pack_row_
         itm_targets=itm_targets if itm_targets is not None else [1] * len(samples),
         pack_row_len=pack_row_len,
     )
+
+
+def graphed_on_the_cpu(module: torch.nn.Module, sample_args: tuple) -> object:
+    """``torch.cuda.make_graphed_callables``' contract, kept on the CPU (torch/cuda/graphs.py): the
+    module runs inside one autograd Function whose output and whose gradients (for the input and every
+    parameter) live in static buffers that the next call overwrites, handed out as detached aliases."""
+    params = tuple(p for p in module.parameters() if p.requires_grad)
+    buffers: dict[int, torch.Tensor] = {}
+
+    def static(slot: int, value: torch.Tensor | None) -> torch.Tensor | None:
+        if value is None:
+            return None
+        if slot not in buffers:
+            buffers[slot] = torch.empty_like(value)
+        return buffers[slot].copy_(value).detach()
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, key_mask, *weights):
+            with torch.enable_grad():
+                ctx.x = x.detach().requires_grad_(x.requires_grad)
+                ctx.out = module(ctx.x, key_mask)
+            return static(-1, ctx.out.detach())
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_out):
+            grads = torch.autograd.grad(ctx.out, (ctx.x, *params), grad_out, allow_unused=True)
+            return (static(0, grads[0]), None, *(static(i + 1, g) for i, g in enumerate(grads[1:])))
+
+    assert sample_args[0].requires_grad
+    return lambda x, key_mask: Replay.apply(x, key_mask, *params)
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

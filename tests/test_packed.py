@@ -11,7 +11,7 @@ import torch
 from uniter_ds.model import TASKS, UniterForPretraining
 from uniter_ds.model.inputs import pack_plan
 
-from .helpers import collate, random_sample
+from .helpers import collate, graphed_on_the_cpu, random_sample
 
 
 def test_pack_plan_fills_rows_without_splitting_a_sample():
@@ -248,45 +248,13 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_config, monkeypatch)
     assert not encoder.cuda_graphs and not any(p._backward_hooks for p in encoder.parameters())
 
 
-def _graphed_on_the_cpu(module: torch.nn.Module, sample_args: tuple) -> object:
-    """``torch.cuda.make_graphed_callables``' contract, kept on the CPU (torch/cuda/graphs.py): the
-    module runs inside one autograd Function whose output and whose gradients (for the input and every
-    parameter) live in static buffers that the next call overwrites, handed out as detached aliases."""
-    params = tuple(p for p in module.parameters() if p.requires_grad)
-    buffers: dict[int, torch.Tensor] = {}
-
-    def static(slot: int, value: torch.Tensor | None) -> torch.Tensor | None:
-        if value is None:
-            return None
-        if slot not in buffers:
-            buffers[slot] = torch.empty_like(value)
-        return buffers[slot].copy_(value).detach()
-
-    class Replay(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, key_mask, *weights):
-            with torch.enable_grad():
-                ctx.x = x.detach().requires_grad_(x.requires_grad)
-                ctx.out = module(ctx.x, key_mask)
-            return static(-1, ctx.out.detach())
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, grad_out):
-            grads = torch.autograd.grad(ctx.out, (ctx.x, *params), grad_out, allow_unused=True)
-            return (static(0, grads[0]), None, *(static(i + 1, g) for i, g in enumerate(grads[1:])))
-
-    assert sample_args[0].requires_grad
-    return lambda x, key_mask: Replay.apply(x, key_mask, *params)
-
-
 @pytest.fixture
 def graphs_on_the_cpu(monkeypatch):
     """The encoder's CUDA-graph path (capture per shape, gradient hooks) run on the CPU stand-in."""
     from uniter_ds.model.modeling import Encoder
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _graphed_on_the_cpu)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", graphed_on_the_cpu)
     monkeypatch.setattr(Encoder, "graph_device_type", "cpu")
 
 
@@ -327,6 +295,84 @@ def test_graphed_layers_accumulate_and_step_as_the_eager_ones(tiny_config, graph
     assert len(graphed.uniter.encoder.graphed) == 1  # one shape, captured once
     for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
+
+
+GRAPHED_ENGINE = """
+import copy, json, sys, torch, deepspeed
+from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
+from uniter_ds.model import TASKS, UniterConfig, UniterForPretraining, modeling
+from uniter_ds.model.inputs import pack
+from uniter_ds.train.distributed import init_distributed
+from uniter_ds.train.pretrain import new_window, param_groups, train_step
+from uniter_ds.train.scheduler import Stream
+from tests.helpers import collate, graphed_on_the_cpu, random_sample
+
+init_distributed()
+config = UniterConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+g = torch.Generator().manual_seed(0)
+data = []
+for i in range(6):
+    samples = [random_sample(config, 4 + (3 * i + k) % 10, 2 + (5 * i + k) % 18, g) for k in range(5)]
+    data.append((TASKS[i % len(TASKS)], pack(collate(samples, [1, 0, 1, 0, i % 2]), 40, num_rows=6)))
+torch.manual_seed(0)
+initial = UniterForPretraining(config)
+names = [f"test/{task}" for task in TASKS]
+ds_config, _ = bench_deepspeed_config(BenchSettings(zero_stage=int(sys.argv[1]), precision="fp32",
+                                                    accumulation=2), False)
+ds_config["optimizer"]["params"]["lr"] = 1e-3  # steps that move the weights well past the tolerance
+results = {}
+for graphs in (False, True):
+    model = copy.deepcopy(initial)
+    model.uniter.encoder.packed_attention = "mask"
+    if graphs:  # as pretraining does: before the engine exists
+        torch.cuda.make_graphed_callables = graphed_on_the_cpu
+        modeling.Encoder.graph_device_type = "cpu"
+        available, torch.cuda.is_available = torch.cuda.is_available, lambda: True
+        model.uniter.encoder.use_cuda_graphs()
+        torch.cuda.is_available = available
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
+    window = new_window(names, torch.device("cpu"))
+    losses = []
+    for step in range(3):
+        micro = data[2 * step: 2 * step + 2]
+        train_step(engine, [b for _, b in micro], [Stream("test", t) for t, _ in micro], torch.device("cpu"),
+                   torch.device("cpu"), window, names)
+        losses.append((window["loss"] / window["items"].clamp(min=1)).tolist())
+        for value in window.values():
+            value.zero_()
+    results[graphs] = {"losses": losses, "captured": len(model.uniter.encoder.graphed),
+                       "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+weights = results[False]["weights"]
+print(json.dumps({"losses": [results[False]["losses"], results[True]["losses"]],
+                  "captured": results[True]["captured"],
+                  "moved": max(float((w - initial.state_dict()[n]).abs().max()) for n, w in weights.items()),
+                  "differ": {n: float((results[True]["weights"][n] - w).abs().max()) for n, w in weights.items()}}))
+"""
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_graphed_layers_take_the_eager_deepspeed_steps(zero):
+    """A real DeepSpeed engine (two micro-batches per step) over the graphed layers of the CPU
+    stand-in: three steps with the eager engine's losses and weights. ZeRO-0 accumulates in .grad (the
+    aliasing case: it fails without the copy-out hook); ZeRO-1/2's hooks move each micro-batch's
+    gradient into their own buffers."""
+    import json
+    import subprocess
+    import sys
+
+    from .launcher import ROOT, cpu_env, free_port
+
+    env = cpu_env() | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-c", GRAPHED_ENGINE, str(zero)], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    eager, graphed = report["losses"]
+    assert report["captured"] == 1 and report["moved"] > 1e-3  # one shape; the steps changed the weights
+    for step, (a, b) in enumerate(zip(eager, graphed)):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6), f"step {step}"
+    assert max(report["differ"].values()) < 2e-5, sorted(report["differ"].items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_graphs_are_captured_for_a_few_shapes_then_the_layers_run_eagerly(tiny_config, graphs_on_the_cpu):
