@@ -29,6 +29,12 @@ def cpu_env() -> dict[str, str]:
     return env
 
 
+def one_rank_env() -> dict[str, str]:
+    """:func:`cpu_env` for a script that starts a DeepSpeed engine itself, as rank 0 of 1."""
+    return cpu_env() | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}
+
+
 def deepspeed_bin() -> str:
     return str(Path(sys.executable).with_name("deepspeed"))
 

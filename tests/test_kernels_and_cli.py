@@ -164,10 +164,9 @@ print("linear:", "torch's own" if linear is torch._C._nn.linear else linear.__mo
 def test_a_zero3_engine_replaces_torch_linear_unless_told_not_to(tmp_path, options, linear):
     """What the refusal above rests on: a real ZeRO-3 engine puts DeepSpeed's linear in
     torch.nn.functional for the whole process by default, and leaves torch's with the key off."""
-    from .launcher import cpu_env, free_port
+    from .launcher import one_rank_env
 
-    env = cpu_env() | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())}
+    env = one_rank_env()
     result = subprocess.run([sys.executable, "-c", ZERO3_ENGINE, json.dumps(options)], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

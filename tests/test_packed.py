@@ -342,10 +342,10 @@ for graphs in (False, True):
             value.zero_()
     results[graphs] = {"losses": losses, "captured": len(model.uniter.encoder.graphed),
                        "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
-weights = results[False]["weights"]
+weights, start = results[False]["weights"], initial.state_dict()
 print(json.dumps({"losses": [results[False]["losses"], results[True]["losses"]],
                   "captured": results[True]["captured"],
-                  "moved": max(float((w - initial.state_dict()[n]).abs().max()) for n, w in weights.items()),
+                  "moved": max(float((w - start[n]).abs().max()) for n, w in weights.items()),
                   "differ": {n: float((results[True]["weights"][n] - w).abs().max()) for n, w in weights.items()}}))
 """
 
@@ -360,10 +360,9 @@ def test_graphed_layers_take_the_eager_deepspeed_steps(zero):
     import subprocess
     import sys
 
-    from .launcher import ROOT, cpu_env, free_port
+    from .launcher import ROOT, one_rank_env
 
-    env = cpu_env() | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())}
+    env = one_rank_env()
     result = subprocess.run([sys.executable, "-c", GRAPHED_ENGINE, str(zero)], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
