@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("model-info", help="parameter counts and active kernels of a model config")
-    info.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+    info.add_argument("--preset", default="base", choices=["tiny", "base", "large"], help="model size")
     info.add_argument("--config", help="a UNITER json config instead of a preset")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(run=_model_info)
@@ -209,19 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="make, convert and check datasets of shards").add_subparsers(
         dest="data_command", required=True)
     synth = data.add_parser("synth", help="a synthetic grounded corpus (tests, demos, benchmarks)")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--images", type=int, default=1000)
-    synth.add_argument("--img-dim", type=int, default=2048)
+    synth.add_argument("--out", required=True, help="the dataset folder to write (shards + manifest.json)")
+    synth.add_argument("--images", type=int, default=1000, help="images to write")
+    synth.add_argument("--img-dim", type=int, default=2048, help="region feature size (2048 as BUTD features)")
     synth.add_argument("--img-label-dim", type=int, default=1601, help="0: no soft labels")
-    synth.add_argument("--min-regions", type=int, default=10)
-    synth.add_argument("--max-regions", type=int, default=100)
-    synth.add_argument("--min-captions", type=int, default=1)
-    synth.add_argument("--max-captions", type=int, default=5)
-    synth.add_argument("--num-classes", type=int, default=40)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--min-regions", type=int, default=10, help="regions per image: at least")
+    synth.add_argument("--max-regions", type=int, default=100, help="regions per image: at most")
+    synth.add_argument("--min-captions", type=int, default=1, help="captions per image: at least")
+    synth.add_argument("--max-captions", type=int, default=5, help="captions per image: at most")
+    synth.add_argument("--num-classes", type=int, default=40,
+                       help="object classes of the synthetic world (each caption names its image's objects)")
+    synth.add_argument("--seed", type=int, default=0, help="which images are drawn")
     synth.add_argument("--world-seed", type=int, default=0, help="the same for a training set and its held-out set")
-    synth.add_argument("--shard-mb", type=float, default=64)
-    synth.add_argument("--name", default="synth")
+    synth.add_argument("--shard-mb", type=float, default=64, help="shard size in MiB")
+    synth.add_argument("--name", default="synth", help="the dataset's name in its manifest")
     synth.set_defaults(run=_data_synth)
 
     convert = data.add_parser("convert", help="from the released UNITER databases, per-image npz files or a "
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("layout", choices=["uniter-db", "original", "tsv"],
                          help="uniter-db: the released LMDB img_db/txt_db; original: per-image .npz files + a text "
                          "table; tsv: bottom-up-attention features")
-    convert.add_argument("--out", required=True)
+    convert.add_argument("--out", required=True, help="the dataset folder to write (shards + manifest.json)")
     convert.add_argument("--img-db", action="append", help="uniter-db: an img_db/<name> folder (repeat for several)")
     convert.add_argument("--txt-db", help="uniter-db: a txt_db/<name>.db folder")
     convert.add_argument("--workers", type=int, default=1,
@@ -247,17 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tsv", help="tsv: the bottom-up-attention features file")
     convert.add_argument("--captions", help="tsv: JSON lines of {image_id, caption}")
     convert.add_argument("--tokenizer", help="tsv: a Hugging Face tokenizer folder")
-    convert.add_argument("--conf-th", type=float, default=0.2)
-    convert.add_argument("--min-regions", type=int, default=10)
-    convert.add_argument("--max-regions", type=int, default=100)
+    convert.add_argument("--conf-th", type=float, default=0.2,
+                         help="keep the regions whose detector confidence is at least this (the reference's 0.2)")
+    convert.add_argument("--min-regions", type=int, default=10, help="keep at least this many regions per image")
+    convert.add_argument("--max-regions", type=int, default=100, help="keep at most this many regions per image")
     convert.add_argument("--shard-mb", type=float, help="original, tsv: shard size (default 512)")
-    convert.add_argument("--name", default="data")
-    convert.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    convert.add_argument("--name", default="data", help="the dataset's name in its manifest")
+    convert.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                         help="a bad input record stops the conversion, or is skipped and counted in the report")
     convert.set_defaults(run=_data_convert)
 
     inspect = data.add_parser("inspect", help="summary of a dataset folder; validates every sample")
-    inspect.add_argument("folder")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("folder", help="a dataset folder or URL (with its manifest.json)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=_data_inspect)
 
     from .train.launch import add_arguments as pretrain_arguments
@@ -274,19 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     exporter = commands.add_parser("export", help="trained weights -> a Hugging Face-style folder and/or the "
                                                   "original UNITER layout, verified by reloading")
     exporter.add_argument("checkpoint", help="a run directory, a checkpoint folder, or a state dict file")
-    exporter.add_argument("--out", required=True)
-    exporter.add_argument("--format", choices=["hf", "uniter", "both"], default="both")
-    exporter.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    exporter.add_argument("--out", required=True, help="the folder to write")
+    exporter.add_argument("--format", choices=["hf", "uniter", "both"], default="both",
+                          help="hf: OUT/hf, config.json + model.safetensors for transformers; uniter: OUT/uniter, "
+                               "a .pt in the original UNITER layout; both: the two")
+    exporter.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights' precision")
     exporter.add_argument("--heads", action="store_true", help="keep the pretraining heads")
     exporter.add_argument("--config", help="a UNITER json config (for a plain state dict file)")
-    exporter.add_argument("--overwrite", action="store_true")
+    exporter.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     exporter.set_defaults(run=_export)
 
     importer = commands.add_parser("import-uniter", help="an original UNITER checkpoint -> a loadable folder")
     importer.add_argument("file", help="the original .pt (pretrained or *-init.pt)")
     importer.add_argument("--config", required=True, help="its json config (uniter-base.json style)")
-    importer.add_argument("--out", required=True)
-    importer.add_argument("--overwrite", action="store_true")
+    importer.add_argument("--out", required=True, help="the folder to write (save_pretrained layout)")
+    importer.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     importer.set_defaults(run=_import_uniter)
 
     attention = commands.add_parser("attention", help="per-layer, per-head attention maps of a trained model, "
@@ -294,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("model", help="an export / save_pretrained folder, a run directory, a checkpoint, "
                                          "or a state dict file (with --config)")
     attention.add_argument("--data", required=True, help="a dataset folder: its first images, first caption each")
-    attention.add_argument("--samples", type=int, default=8)
+    attention.add_argument("--samples", type=int, default=8, help="image-caption pairs to average over")
     attention.add_argument("--config", help="a UNITER json config, for a plain state dict file")
     attention.add_argument("--out", required=True, help="folder for attention.json and the PNGs")
     attention.set_defaults(run=_attention)
@@ -304,15 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--config", required=True, help="the base experiment config every arm starts from")
     ablate.add_argument("--out", required=True, help="folder for the runs, ablation.json/.md/.png")
     ablate.add_argument("--arms", nargs="+", help="a subset of the arms, by name (default: all)")
-    ablate.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ablate.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="a run per arm and seed")
     ablate.add_argument("--steps", type=int, default=400, help="pretraining steps per arm and seed")
     ablate.add_argument("--num-gpus", type=int, default=2, help="ranks per run (CPU ranks without a GPU)")
-    ablate.add_argument("--probe-train-images", type=int, default=600)
-    ablate.add_argument("--probe-test-images", type=int, default=300)
-    ablate.add_argument("--probe-steps", type=int, default=300)
+    ablate.add_argument("--probe-train-images", type=int, default=600, help="images the probes train on")
+    ablate.add_argument("--probe-test-images", type=int, default=300, help="held-out images the probes are scored on")
+    ablate.add_argument("--probe-steps", type=int, default=300, help="training steps per probe")
     ablate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the base config for every arm")
-    ablate.add_argument("--no-plots", action="store_true")
+    ablate.add_argument("--no-plots", action="store_true", help="write the JSON and markdown reports only")
     ablate.set_defaults(run=_ablate)
 
     from .bench.cli import add_parser as add_bench_parser

@@ -22,10 +22,9 @@ import torch
 
 from ..export import load_encoder
 from ..model import UniterModel
+from ..model.tasks import PAPER_MIX
 from ..train.config import ExperimentConfig, load_config
 from .probes import PROBES, extract, probe_pairs, run_probes
-
-PAPER_MIX = {"itm": 3, "mlm": 4, "mrfr": 2, "mrc-kl": 2}
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ..model import UniterForPretraining, to_original_state_dict
 from ..model.inputs import IGNORE_INDEX, UniterBatch
 from ..model.modeling import ImageEmbeddings, MlmHead, MrcHead, MrfrHead, TaskOutput
 from ..model.ot import wra_distance
+from ..model.tasks import REGION_TASKS
 
 
 class BaselineUniter(nn.Module):
@@ -96,7 +97,7 @@ class BaselineUniter(nn.Module):
             losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
             losses = losses[labels.flatten() != IGNORE_INDEX]
             return TaskOutput(task, losses.mean(), losses, rows)
-        if task in ("mrfr", "mrc", "mrc-kl"):
+        if task in REGION_TASKS:
             region_states = sequence[:, max_txt:]
             rows, cols = batch.mrm_img_index // max_img, batch.mrm_img_index % max_img
             if task == "mrfr":

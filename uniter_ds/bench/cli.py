@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..model.tasks import DEFAULT_BENCH_TASKS, TASKS
+
 LAUNCHER_OPTIONS = ("--num-gpus", "--num-nodes", "--hostfile", "--master-port")
 
 
@@ -273,17 +275,19 @@ def add_parser(commands: Any) -> None:
                                               "loader").add_subparsers(dest="bench_command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+        sub.add_argument("--preset", default="base", choices=["tiny", "base", "large"], help="model size")
         sub.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                          help="default: bf16 on a GPU or on a CPU with native bf16 (AVX512-BF16, AMX), else fp32")
         sub.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage")
-        sub.add_argument("--tasks", nargs="+", default=["mlm", "itm", "mrfr", "mrc-kl"])
-        sub.add_argument("--min-regions", type=int, default=10)
-        sub.add_argument("--max-regions", type=int, default=100)
-        sub.add_argument("--activation-checkpointing", action="store_true")
+        sub.add_argument("--tasks", nargs="+", default=list(DEFAULT_BENCH_TASKS), choices=TASKS,
+                         help="tasks measured, in turn")
+        sub.add_argument("--min-regions", type=int, default=10, help="regions per synthetic image: at least")
+        sub.add_argument("--max-regions", type=int, default=100, help="regions per synthetic image: at most")
+        sub.add_argument("--activation-checkpointing", action="store_true",
+                         help="recompute each layer's activations in the backward pass (less memory)")
         sub.add_argument("--data-dir", help="where synthetic shards are written (reused across runs)")
         sub.add_argument("--out", help="JSON report; plots are written beside it")
-        sub.add_argument("--no-plots", action="store_true")
+        sub.add_argument("--no-plots", action="store_true", help="write the JSON report only")
 
     for name, text in (("train", "our DeepSpeed engine: real optimizer steps, as in pretraining"),
                        ("compare", "ours and the Hugging Face baseline on the same batches, and the ratio")):
@@ -316,8 +320,10 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--cuda-graphs", action="store_true",
                          help="GPU: replay the encoder's layers from CUDA graphs (needs --layout packed "
                               "--batching rows)")
-        sub.add_argument("--layer-norm", choices=["auto", "torch", "apex"], default="auto")
-        sub.add_argument("--sdpa-backend", choices=["auto", "math", "flash", "efficient", "cudnn"], default="auto")
+        sub.add_argument("--layer-norm", choices=["auto", "torch", "apex"], default="auto",
+                         help="LayerNorm kernel (auto: apex's fused one where installed)")
+        sub.add_argument("--sdpa-backend", choices=["auto", "math", "flash", "efficient", "cudnn"], default="auto",
+                         help="the attention kernel SDPA may use (auto: PyTorch chooses)")
         sub.add_argument("--profile", type=int, default=0, metavar="STEPS",
                          help="then profile STEPS more steps: time by kind of operator in the report")
         sub.add_argument("--trace", action="store_true", help="with --profile: also write a Chrome trace")
@@ -336,22 +342,23 @@ def add_parser(commands: Any) -> None:
                                              "training steps)")
     common(memory)
     memory.add_argument("--limit-gb", type=float, help="memory limit (CPU: required; GPU: default the card's memory)")
-    memory.add_argument("--start", type=int, default=2048)
-    memory.add_argument("--max-budget", type=int, default=262144)
+    memory.add_argument("--start", type=int, default=2048, help="the first token budget tried")
+    memory.add_argument("--max-budget", type=int, default=262144, help="the largest token budget tried")
     memory.add_argument("--resolution", type=int, default=512, help="stop bisecting at this many tokens")
     memory.set_defaults(run=_memory)
 
     data = bench.add_parser("data", help="data-loader samples/s per process, from shards on disk")
     data.add_argument("--regions", nargs="+", default=["36", "100", "10-100"],
                       help="regions per image: fixed (36) or drawn uniformly from a range (10-100)")
-    data.add_argument("--images", type=int, default=2000)
-    data.add_argument("--tasks", nargs="+", default=["mlm", "mrfr", "mrc-kl", "itm"])
-    data.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    data.add_argument("--token-budget", type=int, default=8192)
-    data.add_argument("--seconds", type=float, default=5.0)
+    data.add_argument("--images", type=int, default=2000, help="synthetic images written per region setting")
+    data.add_argument("--tasks", nargs="+", default=list(DEFAULT_BENCH_TASKS), choices=TASKS, help="a loader per task")
+    data.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                      help="DataLoader workers per loader; several values: each measured")
+    data.add_argument("--token-budget", type=int, default=8192, help="tokens per micro-batch")
+    data.add_argument("--seconds", type=float, default=5.0, help="how long each setting is read")
     data.add_argument("--data-dir", help="where the synthetic shards are written")
     data.add_argument("--via", nargs="+", default=["local"], choices=["local", "http"],
                       help="read the shards from disk and/or from a loopback HTTP server")
     data.add_argument("--out", help="JSON report; a plot is written beside it")
-    data.add_argument("--no-plots", action="store_true")
+    data.add_argument("--no-plots", action="store_true", help="write the JSON report only")
     data.set_defaults(run=_data)

@@ -36,6 +36,7 @@ from ..model import UniterConfig, UniterForPretraining
 from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels, sdpa_backend
 from ..model.modeling import zero3_compile_problem
+from ..model.tasks import DEFAULT_BENCH_TASKS
 from ..provenance import cpu_native_bf16, device_name, git_commit, git_dirty, package_versions
 from ..train.distributed import init_distributed
 from .baseline import BaselineUniter
@@ -65,7 +66,7 @@ class BenchSettings:
     zero_stage: int = 2
     token_budget: int = 4096  # text + regions incl. padding, per micro-batch
     accumulation: int = 1  # micro-batches per optimizer step
-    tasks: list[str] = field(default_factory=lambda: ["mlm", "itm", "mrfr", "mrc-kl"])
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCH_TASKS))
     source: str = "memory"  # memory: pre-built batches | shards: the live reader with DataLoader workers
     data: str | None = None  # a dataset folder; default: synthetic shards under data_dir
     data_dir: str | None = None

@@ -21,11 +21,9 @@ import numpy as np
 import torch
 
 from ..model.inputs import IGNORE_INDEX, UniterBatch, batch_from_padded, best_fit_rows, pack
+from ..model.tasks import REGION_TASKS, SOFT_LABEL_TASKS, check_task
 from .format import DataError, TokenizerInfo
 from .reader import ImageRecord, Pair
-
-TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
-REGION_TASKS = ("mrfr", "mrc", "mrc-kl")
 
 
 @dataclass
@@ -86,8 +84,7 @@ class TaskTransform:
     def __init__(self, task: str, tokenizer: TokenizerInfo, rng: np.random.Generator, *,
                  mask_prob: float = 0.15, itm_neg_prob: float = 0.5, joint_masking: bool = False,
                  negative_pool: int = 256):
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+        check_task(task)
         self.task, self.tokenizer, self.rng = task, tokenizer, rng
         self.mask_prob, self.itm_neg_prob, self.joint = mask_prob, itm_neg_prob, joint_masking
         self.pool: deque[ImageRecord] = deque(maxlen=negative_pool)
@@ -254,7 +251,7 @@ def collate(samples: list[TaskSample], task: str, pad_to_multiple_of: int = 1,
         img_masks=_pad([s.img_mask for s in samples], max_img, fill=False) if masks else None,
         # Soft labels travel for the masked regions only: 15% of the bytes of padded [B, Ni, 1601].
         mrm_soft_labels=(torch.from_numpy(np.concatenate([s.soft[s.img_mask] for s in samples]))
-                         if task in ("mrc", "mrc-kl") else None),
+                         if task in SOFT_LABEL_TASKS else None),
         itm_targets=torch.tensor([s.itm_target for s in samples]) if task == "itm" else None,
         pad_to_multiple_of=pad_to_multiple_of,
     )

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..model.inputs import UniterBatch
-from .batching import TASKS, collate
+from ..model.tasks import SOFT_LABEL_TASKS, TASKS, check_task
+from .batching import collate
 from .format import DataError, Manifest, check_compatible
 from .pipeline import WorkerPipeline
 from .reader import ERROR_KINDS, resolve_sources
@@ -71,8 +72,7 @@ class TaskStream(IterableDataset):
 
     def __init__(self, sources: Sequence[str | Path], task: str, config: LoaderConfig, *, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, resume: dict | None = None):
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+        check_task(task)
         self.shards = resolve_sources(sources)
         self.manifest: Manifest = self.shards[0].manifest
         self.task, self.config, self.rank, self.world_size, self.epoch = task, config, rank, world_size, epoch
@@ -81,7 +81,7 @@ class TaskStream(IterableDataset):
     def check_model(self, *, img_dim: int, img_label_dim: int, vocab_size: int, img_pos_dim: int = 7) -> None:
         check_compatible(self.manifest, source=self.shards[0].origin, img_dim=img_dim,
                          img_pos_dim=img_pos_dim, img_label_dim=img_label_dim, vocab_size=vocab_size,
-                         need_soft_labels=self.task in ("mrc", "mrc-kl"))
+                         need_soft_labels=self.task in SOFT_LABEL_TASKS)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .batching import TASKS, BudgetBatcher, RowBatcher, TaskSample, TaskTransform
+from ..model.tasks import TASKS
+from .batching import BudgetBatcher, RowBatcher, TaskSample, TaskTransform
 from .format import DataError
 from .reader import (
     ImageRecord,

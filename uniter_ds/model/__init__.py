@@ -1,22 +1,34 @@
-"""The UNITER model, its pretraining heads and losses, and checkpoint conversion."""
+"""The UNITER model, its pretraining heads and losses, and checkpoint conversion.
 
-from .checkpoint import LoadReport, load_bert_weights, load_original_state_dict, to_original_state_dict
-from .config import PRESETS, UniterConfig
-from .inputs import IGNORE_INDEX, UniterBatch, build_batch
-from .kernels import active_kernels
-from .modeling import (
-    TASKS,
-    TaskOutput,
-    UniterForPretraining,
-    UniterForSequenceClassification,
-    UniterModel,
-    UniterOutput,
-)
-from .ot import ipot_plan, wra_distance
+Names are imported on first use: the config and the command line read ``model.tasks`` without
+loading torch and transformers."""
 
-__all__ = [
-    "IGNORE_INDEX", "PRESETS", "TASKS", "LoadReport", "TaskOutput", "UniterBatch", "UniterConfig",
-    "UniterForPretraining", "UniterForSequenceClassification", "UniterModel", "UniterOutput",
-    "active_kernels", "build_batch", "ipot_plan",
-    "load_bert_weights", "load_original_state_dict", "to_original_state_dict", "wra_distance",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "checkpoint": ["LoadReport", "load_bert_weights", "load_original_state_dict", "to_original_state_dict"],
+    "config": ["PRESETS", "UniterConfig"],
+    "inputs": ["IGNORE_INDEX", "UniterBatch", "build_batch"],
+    "kernels": ["active_kernels"],
+    "modeling": ["TaskOutput", "UniterForPretraining", "UniterForSequenceClassification", "UniterModel",
+                 "UniterOutput"],
+    "ot": ["ipot_plan", "wra_distance"],
+    "tasks": ["TASKS"],
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

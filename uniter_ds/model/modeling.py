@@ -30,6 +30,7 @@ from .config import UniterConfig
 from .inputs import UniterBatch, batch_from_masks, build_batch
 from .kernels import layer_norm
 from .ot import wra_distance
+from .tasks import REGION_TASKS, check_task
 
 # ---------------------------------------------------------------------------------------------
 # Embeddings
@@ -570,9 +571,6 @@ class MrcHead(nn.Module):
         return self.classifier(self.transform(x))
 
 
-TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
-
-
 @dataclass
 class TaskOutput:
     """One task's loss on a batch.
@@ -639,12 +637,11 @@ class UniterForPretraining(UniterPreTrainedModel):
         self.ipot["compiled"] = True
 
     def forward(self, batch: UniterBatch, task: str) -> TaskOutput:
-        if task not in TASKS:
-            raise ValueError(f"unknown pretraining task {task!r}; choose one of {TASKS}")
+        check_task(task)
         out = self.uniter(batch)
         if task == "mlm":
             return self.mlm_loss(out, batch)
-        if task in ("mrfr", "mrc", "mrc-kl"):
+        if task in REGION_TASKS:
             return self.mrm_loss(out, batch, task)
         return self.itm_loss(out, batch)
 

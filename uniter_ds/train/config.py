@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..data.batching import TASKS
+from ..model.tasks import TASKS
 
 
 class ConfigError(ValueError):

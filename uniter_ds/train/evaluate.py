@@ -22,9 +22,9 @@ from ..data import LoaderConfig, ReaderStats, TaskStream, read_shard, resolve_so
 from ..data.reader import pairs_of
 from ..model.inputs import UniterBatch, build_batch
 from ..model.modeling import TaskOutput
+from ..model.tasks import ACCURACY_TASKS
 
 EVAL_SEED = 1234
-ACCURACY_TASKS = ("mlm", "mrc", "mrc-kl", "itm")
 
 Forward = Callable[[UniterBatch, str], TaskOutput]
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..model.tasks import needs_soft_labels
 from .config import check_with_deepspeed, load_config
 
 
@@ -25,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the run's latest complete checkpoint, or from PATH")
     parser.add_argument("--num-gpus", type=int, help="ranks per node (default: the GPUs present, or 2 CPU ranks)")
-    parser.add_argument("--num-nodes", type=int)
+    parser.add_argument("--num-nodes", type=int, help="nodes of the hostfile to use (default: all)")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile: lines 'worker-0 slots=8'")
-    parser.add_argument("--master-addr")
-    parser.add_argument("--master-port", type=int)
+    parser.add_argument("--master-addr", help="the address of the first node (rank 0), which the others reach")
+    parser.add_argument("--master-port", type=int, help="the port rank 0 listens on (DeepSpeed's default: 29500)")
     parser.add_argument("--no-ssh", action="store_true", help="start only this node's ranks (no pdsh/ssh)")
     parser.add_argument("--node-rank", type=int, help="with --no-ssh: this node's rank")
     parser.add_argument("--dry-run", action="store_true", help="print the launcher command, start nothing")
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             shards = resolve_sources(paths)
             check_compatible(shards[0].manifest, source=str(shards[0].origin), img_dim=model.img_dim,
                              img_pos_dim=model.img_pos_dim, img_label_dim=model.img_label_dim,
-                             vocab_size=model.vocab_size, need_soft_labels=any(t in ("mrc", "mrc-kl") for t in tasks))
+                             vocab_size=model.vocab_size, need_soft_labels=needs_soft_labels(tasks))
         except DataError as error:
             raise ValueError(f"config key '{key}': {error}") from None
         damaged = [problem for problem in map(_unlike_manifest, shards) if problem]

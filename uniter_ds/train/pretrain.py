@@ -38,6 +38,7 @@ from ..model import (
 )
 from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels
+from ..model.tasks import ACCURACY_TASKS, needs_soft_labels
 from ..provenance import device_name, git_commit, git_dirty, package_versions
 from . import checkpointing
 from .config import ExperimentConfig, check_with_deepspeed, load_config
@@ -385,7 +386,7 @@ def reduce_window(window: dict[str, torch.Tensor], names: list[str], comm_device
             agg[2] += hits
     for task, (total, count, hits) in by_task.items():
         metrics[f"train/{task}/loss"] = total / count
-        if task in ("mlm", "mrc", "mrc-kl", "itm"):
+        if task in ACCURACY_TASKS:
             metrics[f"train/{task}/acc"] = hits / count
     for value in window.values():
         value.zero_()
@@ -426,7 +427,7 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
         check_compatible(train_shards[dataset.name][0].manifest, source=dataset.name,
                          img_dim=model.config.img_dim, img_pos_dim=model.config.img_pos_dim,
                          img_label_dim=model.config.img_label_dim, vocab_size=model.config.vocab_size,
-                         need_soft_labels=any(t in ("mrc", "mrc-kl") for t in dataset.tasks))
+                         need_soft_labels=needs_soft_labels(dataset.tasks))
     scheduler = TaskScheduler({s: d.tasks[s.task] for d in config.data.train for s in streams
                                if s.dataset == d.name}, seed=config.seed,
                               per_micro_batch=config.task_draw == "micro_batch")
