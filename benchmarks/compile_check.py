@@ -44,7 +44,7 @@ def main() -> int:
                                  "encoder-dynamic", "layers-dynamic-zero3-linear"])
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.helpers import collate, random_sample
+    from uniter_ds.bench.samples import collate, random_sample
     from uniter_ds.model import UniterConfig, UniterForPretraining
     from uniter_ds.model.kernels import sdpa_backend
 

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_uniter_db import write_img_db, write_txt_db  # noqa: E402
+from uniter_ds.data.uniter_db import write_img_db, write_txt_db  # noqa: E402
 from uniter_ds.provenance import cpu_name, git_commit  # noqa: E402
 
 

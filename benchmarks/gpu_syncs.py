@@ -37,13 +37,14 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import deepspeed
 
-    from tests.helpers import collate, random_sample
+    from uniter_ds.bench.samples import collate, random_sample
     from uniter_ds.bench.syncs import recorded_syncs
     from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
     from uniter_ds.model import UniterConfig, UniterForPretraining
     from uniter_ds.train.distributed import init_distributed
-    from uniter_ds.train.pretrain import new_window, param_groups, train_step
+    from uniter_ds.train.engine import param_groups
     from uniter_ds.train.scheduler import Stream
+    from uniter_ds.train.step import new_window, train_step
 
     _, _, device = init_distributed()
     on_gpu = device.type == "cuda"

@@ -28,7 +28,7 @@ from learning_check import held_out_pairs, measure  # noqa: E402
 
 from uniter_ds.data.loader import LoaderConfig, build_loader  # noqa: E402
 from uniter_ds.model import UniterConfig, UniterForPretraining  # noqa: E402
-from uniter_ds.train.pretrain import param_groups  # noqa: E402
+from uniter_ds.train.engine import param_groups  # noqa: E402
 
 
 def text_only(batch):

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.helpers import collate, random_sample  # noqa: E402
+from uniter_ds.bench.samples import collate, random_sample  # noqa: E402
 from uniter_ds.model import UniterConfig, UniterForPretraining  # noqa: E402
 from uniter_ds.model.inputs import best_fit_rows  # noqa: E402
 from uniter_ds.provenance import cpu_name, git_commit  # noqa: E402

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,14 +28,21 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.launcher import cpu_env, deepspeed_bin, free_port  # noqa: E402
 from uniter_ds.data import synth_dataset  # noqa: E402
 from uniter_ds.provenance import cpu_name, git_commit  # noqa: E402
+from uniter_ds.train.extensions import extensions_dir  # noqa: E402
+from uniter_ds.train.launch import deepspeed_executable, free_port  # noqa: E402
+
+
+def cpu_env() -> dict[str, str]:
+    """CPU ranks, as `uniter-ds pretrain` starts them without a GPU (one thread per rank: 2 ranks, 2 cores)."""
+    return dict(os.environ) | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                               "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(extensions_dir()))}
 
 
 def launch(config: Path, *extra: str, ranks: int) -> float:
     started = time.perf_counter()
-    result = subprocess.run([deepspeed_bin(), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    result = subprocess.run([deepspeed_executable(), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                              "--module", "uniter_ds.train.pretrain", "--config", str(config), *extra],
                             cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
     if result.returncode != 0:

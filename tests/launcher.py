@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 from uniter_ds.train.extensions import extensions_dir
+from uniter_ds.train.launch import deepspeed_executable, free_port  # noqa: F401 -- the tests' port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_env() -> dict[str, str]:
@@ -36,7 +29,7 @@ def one_rank_env() -> dict[str, str]:
 
 
 def deepspeed_bin() -> str:
-    return str(Path(sys.executable).with_name("deepspeed"))
+    return deepspeed_executable()
 
 
 def run_launcher(args: list[str], timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -57,7 +57,7 @@ def test_a_restored_stream_continues_with_the_uninterrupted_batches(corpus, task
 @pytest.mark.parametrize("split", ["exact", "resampled"])
 def test_a_restored_row_filling_stream_continues_with_the_uninterrupted_batches(corpus, split):
     """The packed layout's batcher: the samples' rows travel in the saved places too."""
-    config = LoaderConfig(num_workers=0, split=split, batching="rows", pack_row_len=100, **SMALL)
+    config = LoaderConfig(num_workers=0, split=split, batching="rows", layout="packed", pack_row_len=100, **SMALL)
     limit = None if split == "exact" else 60
     reference, states = _run(TaskStream([corpus], "mlm", config), limit, LoaderStats())
     assert len(reference) > 15
@@ -138,7 +138,7 @@ def test_the_training_feed_resumes_exactly_and_refuses_a_changed_data_setup(corp
     import yaml
 
     from uniter_ds.train.config import load_config
-    from uniter_ds.train.pretrain import DataFeed
+    from uniter_ds.train.feed import DataFeed
     from uniter_ds.train.scheduler import Stream
 
     path = tmp_path / "run.yaml"

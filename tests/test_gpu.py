@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from uniter_ds.model import UniterConfig, UniterForPretraining
+from uniter_ds.model.acceleration import compile_for_training, use_cuda_graphs
 from uniter_ds.model.inputs import UniterBatch
 
 from .helpers import collate, random_sample
@@ -56,7 +57,7 @@ def engine_for(model: torch.nn.Module, zero: int, precision: str, accumulation: 
     import deepspeed
 
     from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
-    from uniter_ds.train.pretrain import param_groups
+    from uniter_ds.train.engine import param_groups
 
     ds_config, _ = bench_deepspeed_config(BenchSettings(zero_stage=zero, precision=precision,
                                                         accumulation=accumulation), on_gpu=True)
@@ -69,8 +70,8 @@ def run_steps(engine, data: list[tuple[str, UniterBatch]], device: torch.device,
               read_losses: bool = True) -> list[float]:
     """``steps`` training steps over ``data`` in turn; each step's loss (read on the host, so not
     with ``read_losses=False``, which leaves the step as training runs it)."""
-    from uniter_ds.train.pretrain import new_window, train_step
     from uniter_ds.train.scheduler import Stream
+    from uniter_ds.train.step import new_window, train_step
 
     names = [f"test/{task}" for task in TASKS]
     window = new_window(names, device)
@@ -177,7 +178,7 @@ def test_compiled_deepspeed_steps_match_fp32(reference, device, zero, monkeypatc
     config, initial, expected = reference
     model = UniterForPretraining(config)
     model.load_state_dict(initial)
-    model.compile_for_training()
+    compile_for_training(model)
     options = {"memory_efficient_linear": False} if zero == 3 else {}
     losses = run_steps(engine_for(model, zero, "bf16", **options), batches(config), device)
     for step, (got, want) in enumerate(zip(losses, expected)):
@@ -240,13 +241,13 @@ def test_cuda_graphs_accumulate_the_eager_gradients(device):
     eager = UniterForPretraining(config).to(device).train()
     eager.uniter.encoder.packed_attention = "mask"  # the one-shape form graphs replay
     graphed = copy.deepcopy(eager)
-    graphed.uniter.encoder.use_cuda_graphs()
+    use_cuda_graphs(graphed.uniter.encoder)
     for model in (eager, graphed):
         for first, second in [(data[0], data[1]), (data[2], data[3]), (data[4], data[5])]:  # replays after one capture
             model.zero_grad(set_to_none=True)
             for task, batch in (first, second):
                 model(batch.to(device, non_blocking=True), task).loss.backward()
-    assert len(graphed.uniter.encoder.graphed) == 1
+    assert len(graphed.uniter.encoder.graphs.captured) == 1
     for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -254,8 +255,8 @@ def test_cuda_graphs_accumulate_the_eager_gradients(device):
 
 def test_cuda_graphs_take_the_eager_deepspeed_steps(device):
     """ZeRO-2 bf16, 2 micro-batches per step, 5 steps: the losses of eager steps, one shape captured."""
-    from uniter_ds.train.pretrain import new_window, train_step
     from uniter_ds.train.scheduler import Stream
+    from uniter_ds.train.step import new_window, train_step
 
     config = small_config()
     data = packed_batches(config)
@@ -268,7 +269,7 @@ def test_cuda_graphs_take_the_eager_deepspeed_steps(device):
         model.load_state_dict(initial)
         model.uniter.encoder.packed_attention = "mask"
         if graphs:
-            model.uniter.encoder.use_cuda_graphs()
+            use_cuda_graphs(model.uniter.encoder)
         engine = engine_for(model, 2, "bf16", accumulation=2)
         window = new_window(names, device)
         losses[graphs] = []
@@ -280,6 +281,6 @@ def test_cuda_graphs_take_the_eager_deepspeed_steps(device):
             for value in window.values():
                 value.zero_()
         if graphs:
-            assert len(model.uniter.encoder.graphed) == 1
+            assert len(model.uniter.encoder.graphs.captured) == 1
     for step, (eager, graphed) in enumerate(zip(losses[False], losses[True])):
         assert graphed == pytest.approx(eager, rel=1e-3, abs=1e-4), f"step {step}"

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from uniter_ds.model import UniterConfig, UniterForPretraining, UniterModel, active_kernels, kernels
+from uniter_ds.model.acceleration import compile_layers
 
 from .helpers import collate, random_sample
 
@@ -75,7 +76,7 @@ def test_compiled_encoder_matches_eager(tiny_config):
     eager = UniterForPretraining(tiny_config).eval()
     compiled = UniterForPretraining(tiny_config).eval()
     compiled.load_state_dict(eager.state_dict())
-    compiled.uniter.encoder.compile_layers()
+    compile_layers(compiled.uniter.encoder)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     g = torch.Generator().manual_seed(1)
     for lengths in ([(5, 7), (9, 3)], [(12, 10), (4, 4), (6, 9)]):
@@ -122,21 +123,21 @@ def test_compile_through_deepspeeds_zero3_linear(tiny_config, monkeypatch):
     their forward refuses, naming the remedy."""
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
-    from uniter_ds.model import modeling
+    from uniter_ds.model import acceleration
 
     monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
     torch.manual_seed(0)
     eager = UniterForPretraining(tiny_config).eval()
     compiled = copy.deepcopy(eager)
-    compiled.uniter.encoder.compile_layers()
+    compile_layers(compiled.uniter.encoder)
     batch = collate([random_sample(tiny_config, t, r, torch.Generator().manual_seed(2)) for t, r in [(6, 5), (9, 7)]])
-    if modeling.torch_version() != modeling.TORCH_WITH_INPLACE_FUNCTION_BUG:
+    if acceleration.torch_version() != acceleration.TORCH_WITH_INPLACE_FUNCTION_BUG:
         for model in (eager, compiled):
             model(batch, "mlm").loss.backward()
         for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
             if a.grad is not None:
                 torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
-    monkeypatch.setattr(modeling, "torch_version", lambda: modeling.TORCH_WITH_INPLACE_FUNCTION_BUG)
+    monkeypatch.setattr(acceleration, "torch_version", lambda: acceleration.TORCH_WITH_INPLACE_FUNCTION_BUG)
     with pytest.raises(RuntimeError, match=r"DeepSpeed's ZeRO-3 linear.*#180642.*memory_efficient_linear"):
         compiled(batch, "mlm")
     eager(batch, "mlm")  # eager layers are not refused
@@ -175,15 +176,15 @@ def test_a_zero3_engine_replaces_torch_linear_unless_told_not_to(tmp_path, optio
 
 def test_deepspeed_configs_that_would_compile_wrong_are_refused(monkeypatch):
     from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
-    from uniter_ds.model import modeling
+    from uniter_ds.model import acceleration
 
-    monkeypatch.setattr(modeling, "torch_version", lambda: modeling.TORCH_WITH_INPLACE_FUNCTION_BUG)
-    assert modeling.zero3_compile_problem({"stage": 2}) is None
-    assert modeling.zero3_compile_problem({"stage": 3, "memory_efficient_linear": False}) is None
-    assert "memory_efficient_linear" in modeling.zero3_compile_problem({"stage": 3})
+    monkeypatch.setattr(acceleration, "torch_version", lambda: acceleration.TORCH_WITH_INPLACE_FUNCTION_BUG)
+    assert acceleration.zero3_compile_problem({"stage": 2}) is None
+    assert acceleration.zero3_compile_problem({"stage": 3, "memory_efficient_linear": False}) is None
+    assert "memory_efficient_linear" in acceleration.zero3_compile_problem({"stage": 3})
     with pytest.raises(ValueError, match=r"--compile with .*zero3_bf16\.json: .*memory_efficient_linear"):
         bench_deepspeed_config(BenchSettings(preset="tiny", zero_stage=3, precision="bf16", compile=True), False)
     bench_deepspeed_config(BenchSettings(preset="tiny", zero_stage=3, precision="bf16"), False)  # eager: fine
-    monkeypatch.setattr(modeling, "torch_version", lambda: (2, 12))
-    assert modeling.zero3_compile_problem({"stage": 3}) is None
+    monkeypatch.setattr(acceleration, "torch_version", lambda: (2, 12))
+    assert acceleration.zero3_compile_problem({"stage": 3}) is None
     bench_deepspeed_config(BenchSettings(preset="tiny", zero_stage=3, precision="bf16", compile=True), False)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from uniter_ds.model import TASKS, UniterForPretraining
+from uniter_ds.model.acceleration import compile_for_training, use_cuda_graphs
 from uniter_ds.model.inputs import pack_plan
 
 from .helpers import collate, graphed_on_the_cpu, random_sample
@@ -42,7 +43,7 @@ def test_the_nested_attention_sequences_are_the_samples_and_the_row_tails():
 
 
 def test_length_buckets_gather_each_sample_whole_and_scatter_it_back():
-    from uniter_ds.model.modeling import BUCKET_TOKENS, length_buckets
+    from uniter_ds.model.attention import BUCKET_TOKENS, length_buckets
 
     lengths = [5, 40, 3, 33, 70]
     rows, row_len = [0, 1, 0, 2, 3], 80
@@ -107,7 +108,7 @@ def test_packed_layout_takes_the_padded_optimizer_steps(tiny_config, attention, 
     packed_model = copy.deepcopy(padded_model)
     packed_model.uniter.encoder.packed_attention = attention
     if compiled:
-        packed_model.compile_for_training()
+        compile_for_training(packed_model)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (padded_model, packed_model)]
     for step, task in enumerate(["mlm", "itm", "mrc-kl", "mrfr"]):
         samples = _samples(tiny_config, 10 + step)
@@ -143,7 +144,8 @@ def test_pretraining_with_the_packed_layout_takes_the_padded_steps(tmp_path):
                                 "tasks": {"mlm": 2, "itm": 1, "mrfr": 1, "mrc-kl": 1}}],
                      "token_budget": 800, "num_workers": 1, "shuffle_buffer": 20,
                      "layout": "padded" if layout == "padded" else "packed",
-                     "batching": "rows" if layout == "rows" else "budget", "pack_row_len": 128},
+                     "batching": "rows" if layout == "rows" else "budget", "pack_row_len": 128,
+                     "pool_budgets": 4, "min_pool_tokens": 3200},
             "optim": {"lr": 1e-3, "warmup_steps": 1, "total_steps": 6},
             "eval": {"every": 0, "at_end": False}, "checkpoint": {"every": 0, "at_end": False},
             "tracking": {"mlflow": False, "log_every": 1},
@@ -178,7 +180,8 @@ def test_the_loader_packs_the_same_samples_into_rows_of_the_given_length(tmp_pat
     seen = {}
     for row_len in (None, 96):
         stream = TaskStream([tmp_path / "data"], "mrc", LoaderConfig(num_workers=0, token_budget=1200,
-                                                                     shuffle_buffer=20, pack_row_len=row_len))
+                                                                     shuffle_buffer=20, pack_row_len=row_len or 256,
+                                                                     layout="packed" if row_len else "padded"))
         batches = [b for _, b in zip(range(6), stream)]
         seen[row_len] = [(b.meta["pairs"], b.img_masks.tolist(), b.real_tokens()) for b in batches]
         if row_len:
@@ -210,9 +213,11 @@ def test_the_row_filling_batcher_sends_full_rows_of_one_shape_and_every_sample_o
 
     synth_dataset(tmp_path / "data", images=150, seed=1, img_dim=16, img_label_dim=41, min_regions=5, max_regions=60,
                   max_shard_bytes=40_000)
-    common = {"num_workers": 0, "token_budget": 960, "shuffle_buffer": 20, "pool_budgets": 4, "min_pool_tokens": 4000}
+    common = {"num_workers": 0, "token_budget": 960, "shuffle_buffer": 20, "pool_budgets": 4, "min_pool_tokens": 4000,
+              "split": "exact"}
     budget = list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common)))
-    rows = list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common, pack_row_len=96, batching="rows")))
+    packed = {"layout": "packed", "batching": "rows"}
+    rows = list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common, **packed, pack_row_len=96)))
     pairs = sorted(pair for batch in budget for pair in batch.meta["pairs"])
     assert sorted(pair for batch in rows for pair in batch.meta["pairs"]) == pairs  # the epoch, each pair once
     for batch in rows:
@@ -224,7 +229,7 @@ def test_the_row_filling_batcher_sends_full_rows_of_one_shape_and_every_sample_o
     padding = 1 - sum(b.real_tokens() for b in rows[:-1]) / sum(b.padded_tokens() for b in rows[:-1])
     assert padding < 0.05, padding
     with pytest.raises(DataError, match=r"more than a packed row holds: raise data.pack_row_len \(40\)"):
-        list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common, pack_row_len=40, batching="rows")))
+        list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common, **packed, pack_row_len=40)))
     with pytest.raises(ValueError, match="batching"):
         LoaderConfig(batching="rows")  # rows of what length
 
@@ -235,27 +240,27 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_config, monkeypatch)
     encoder = UniterForPretraining(tiny_config).uniter.encoder
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="need a CUDA GPU; none is visible"):
-        encoder.use_cuda_graphs()
+        use_cuda_graphs(encoder)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     encoder.activation_checkpointing = True
     with pytest.raises(RuntimeError, match="activation checkpointing"):
-        encoder.use_cuda_graphs()
+        use_cuda_graphs(encoder)
     encoder.activation_checkpointing = False
     for form in ("nested", "buckets"):
         encoder.packed_attention = form
         with pytest.raises(RuntimeError, match=f"the {form} attention's shapes change with every batch"):
-            encoder.use_cuda_graphs()
-    assert not encoder.cuda_graphs and not any(p._backward_hooks for p in encoder.parameters())
+            use_cuda_graphs(encoder)
+    assert encoder.graphs is None and not any(p._backward_hooks for p in encoder.parameters())
 
 
 @pytest.fixture
 def graphs_on_the_cpu(monkeypatch):
     """The encoder's CUDA-graph path (capture per shape, gradient hooks) run on the CPU stand-in."""
-    from uniter_ds.model.modeling import Encoder
+    from uniter_ds.model.acceleration import CudaGraphedLayers
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", graphed_on_the_cpu)
-    monkeypatch.setattr(Encoder, "graph_device_type", "cpu")
+    monkeypatch.setattr(CudaGraphedLayers, "device_type", "cpu")
 
 
 def _rows(config, seed: int, num_rows: int = 6) -> tuple[str, object]:
@@ -274,7 +279,7 @@ def test_graphed_layers_accumulate_and_step_as_the_eager_ones(tiny_config, graph
     eager = UniterForPretraining(tiny_config).train()
     eager.uniter.encoder.packed_attention = "mask"  # the one-shape form graphs replay
     graphed = copy.deepcopy(eager)
-    graphed.uniter.encoder.use_cuda_graphs()
+    use_cuda_graphs(graphed.uniter.encoder)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, graphed)]
     for step in range(3):
         micro = [_rows(tiny_config, 20 + 2 * step), _rows(tiny_config, 21 + 2 * step)]
@@ -292,7 +297,7 @@ def test_graphed_layers_accumulate_and_step_as_the_eager_ones(tiny_config, graph
                 torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")
         for optimizer in optimizers:
             optimizer.step()
-    assert len(graphed.uniter.encoder.graphed) == 1  # one shape, captured once
+    assert len(graphed.uniter.encoder.graphs.captured) == 1  # one shape, captured once
     for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
 
@@ -300,10 +305,12 @@ def test_graphed_layers_accumulate_and_step_as_the_eager_ones(tiny_config, graph
 GRAPHED_ENGINE = """
 import copy, json, sys, torch, deepspeed
 from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
-from uniter_ds.model import TASKS, UniterConfig, UniterForPretraining, modeling
+from uniter_ds.model import TASKS, UniterConfig, UniterForPretraining
+from uniter_ds.model.acceleration import CudaGraphedLayers, use_cuda_graphs
 from uniter_ds.model.inputs import pack
 from uniter_ds.train.distributed import init_distributed
-from uniter_ds.train.pretrain import new_window, param_groups, train_step
+from uniter_ds.train.engine import param_groups
+from uniter_ds.train.step import new_window, train_step
 from uniter_ds.train.scheduler import Stream
 from tests.helpers import collate, graphed_on_the_cpu, random_sample
 
@@ -326,9 +333,9 @@ for graphs in (False, True):
     model.uniter.encoder.packed_attention = "mask"
     if graphs:  # as pretraining does: before the engine exists
         torch.cuda.make_graphed_callables = graphed_on_the_cpu
-        modeling.Encoder.graph_device_type = "cpu"
+        CudaGraphedLayers.device_type = "cpu"
         available, torch.cuda.is_available = torch.cuda.is_available, lambda: True
-        model.uniter.encoder.use_cuda_graphs()
+        use_cuda_graphs(model.uniter.encoder)
         torch.cuda.is_available = available
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds_config)
     window = new_window(names, torch.device("cpu"))
@@ -340,7 +347,7 @@ for graphs in (False, True):
         losses.append((window["loss"] / window["items"].clamp(min=1)).tolist())
         for value in window.values():
             value.zero_()
-    results[graphs] = {"losses": losses, "captured": len(model.uniter.encoder.graphed),
+    results[graphs] = {"losses": losses, "captured": len(model.uniter.encoder.graphs.captured) if graphs else 0,
                        "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
 weights, start = results[False]["weights"], initial.state_dict()
 print(json.dumps({"losses": [results[False]["losses"], results[True]["losses"]],
@@ -375,13 +382,13 @@ def test_graphed_layers_take_the_eager_deepspeed_steps(zero):
 
 
 def test_graphs_are_captured_for_a_few_shapes_then_the_layers_run_eagerly(tiny_config, graphs_on_the_cpu):
-    from uniter_ds.model.modeling import MAX_GRAPHED_SHAPES
+    from uniter_ds.model.acceleration import MAX_GRAPHED_SHAPES
 
     model = UniterForPretraining(tiny_config).train()
     model.uniter.encoder.packed_attention = "mask"
-    model.uniter.encoder.use_cuda_graphs()
+    use_cuda_graphs(model.uniter.encoder)
     reference = copy.deepcopy(model)
-    reference.uniter.encoder.cuda_graphs = False
+    reference.uniter.encoder.graphs = None
     shapes = range(6, 6 + MAX_GRAPHED_SHAPES + 2)
     with pytest.warns(UserWarning, match=f"{MAX_GRAPHED_SHAPES} input shapes captured already") as caught:
         for num_rows in [*shapes, *shapes]:  # each shape twice: a captured one replays, an eager one warns once
@@ -389,13 +396,13 @@ def test_graphs_are_captured_for_a_few_shapes_then_the_layers_run_eagerly(tiny_c
             loss = model(batch, task).loss
             assert loss.item() == pytest.approx(reference(batch, task).loss.item(), rel=1e-5, abs=1e-6), num_rows
     assert len([w for w in caught if "captured already" in str(w.message)]) == 2  # shapes 5 and 6, once each
-    assert len(model.uniter.encoder.graphed) == MAX_GRAPHED_SHAPES
-    model.uniter.encoder.graphed.clear()
+    assert len(model.uniter.encoder.graphs.captured) == MAX_GRAPHED_SHAPES
+    model.uniter.encoder.graphs.captured.clear()
     with torch.no_grad():
         model(_rows(tiny_config, 3, 30)[1], "mlm")  # evaluation runs eagerly: nothing captured ...
     model.eval()
     model(_rows(tiny_config, 3, 30)[1], "mlm")  # ... nor in eval mode with gradients on
-    assert not model.uniter.encoder.graphed
+    assert not model.uniter.encoder.graphs.captured
 
 
 def test_auto_packed_attention_is_nested_on_cuda_the_mask_under_graphs_and_buckets_on_cpu(tiny_config):
@@ -405,7 +412,7 @@ def test_auto_packed_attention_is_nested_on_cuda_the_mask_under_graphs_and_bucke
     assert encoder.packed_attention_form(on_cpu) == "buckets"  # the fastest on CPU (benchmarks/RESULTS.md)
     on_cuda = type("CudaLike", (), {"is_cuda": True})()
     assert encoder.packed_attention_form(on_cuda) == "nested"
-    encoder.cuda_graphs = True  # graphs replay one shape: the dense mask
+    encoder.graphs = object()  # graphs replay one shape: the dense mask
     assert encoder.packed_attention_form(on_cuda) == "mask"
     encoder.packed_attention = "nested"
     assert encoder.packed_attention_form(on_cpu) == "nested"

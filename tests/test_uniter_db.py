@@ -9,7 +9,6 @@ text values as lz4-framed msgpack maps; ``meta.json`` with the released spelling
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -20,67 +19,19 @@ import pytest
 
 from uniter_ds.data import DataError, ReaderStats, read_shard, resolve_sources
 from uniter_ds.data.convert import convert_uniter_db
-from uniter_ds.data.uniter_db import ImageDb, TextDb
+from uniter_ds.data.uniter_db import FIXTURE_DB_NAME as DB_NAME
+from uniter_ds.data.uniter_db import FIXTURE_META as META
+from uniter_ds.data.uniter_db import ImageDb, TextDb, reference_nbb, write_img_db, write_txt_db
 
 lmdb = pytest.importorskip("lmdb", reason="the [convert] extra is part of the [test] extra")
-import lz4.frame  # noqa: E402
 import msgpack  # noqa: E402
 import msgpack_numpy  # noqa: E402
-
-DB_NAME = "feat_th0.2_max100_min10"
-META = {"CLS": 101, "SEP": 102, "MASK": 103, "UNK": 100, "v_range": [106, 28996], "toker": "bert-base-cased",
-        "tokenizer": "bert-base-cased", "output": "/txt/pretrain_coco_train.db", "task": "pretrain"}
-
-
-def _reference_nbb(conf: np.ndarray) -> int:
-    return int(min(100, max(10, int((conf > 0.2).sum()))))
 
 
 def _image(rng: np.random.Generator, n: int, confident: int, dim: int = 32, labels: int = 9) -> dict[str, np.ndarray]:
     conf = np.sort(np.concatenate([rng.uniform(0.21, 1, confident), rng.uniform(0, 0.19, n - confident)]))[::-1]
     return {"features": rng.random((n, dim)).astype(np.float32), "norm_bb": rng.random((n, 6)).astype(np.float32),
             "conf": conf.astype(np.float32), "soft_labels": rng.dirichlet(np.ones(labels), size=n).astype(np.float32)}
-
-
-def write_img_db(folder: Path, images: dict[str, dict[str, np.ndarray]], compressed: bool,
-                 values: dict[str, bytes] | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """The released image database; returns what it stored (fp16, cut to the box count)."""
-    name = DB_NAME + ("_compressed" if compressed else "")
-    (folder / name).mkdir(parents=True)
-    env = lmdb.open(str(folder / name), map_size=2**36)  # an upper bound, not an allocation
-    stored, nbb = {}, {}
-    with env.begin(write=True) as txn:
-        for fname, arrays in images.items():
-            nbb[fname] = _reference_nbb(arrays["conf"])
-            dump = {k: a.astype(np.float16)[: nbb[fname]] for k, a in arrays.items()}
-            if compressed:
-                with io.BytesIO() as buffer:
-                    np.savez_compressed(buffer, **dump)
-                    value = buffer.getvalue()
-            else:
-                value = msgpack.dumps(dump, default=msgpack_numpy.encode, use_bin_type=True)
-            txn.put(fname.encode(), (values or {}).get(fname, value))
-            stored[fname] = dump
-        txn.put(b"__keys__", json.dumps(list(images)).encode())
-    env.close()
-    (folder / "nbb_th0.2_max100_min10.json").write_text(json.dumps(nbb))
-    return stored
-
-
-def write_txt_db(folder: Path, rows: dict[str, dict], meta: dict = META) -> None:
-    folder.mkdir(parents=True)
-    env = lmdb.open(str(folder), map_size=2**24)
-    with env.begin(write=True) as txn:
-        for text_id, row in rows.items():
-            txn.put(text_id.encode(), lz4.frame.compress(msgpack.dumps(row, use_bin_type=True)))
-    env.close()
-    img2txts: dict[str, list[str]] = {}
-    for text_id, row in rows.items():
-        img2txts.setdefault(row["img_fname"], []).append(text_id)
-    (folder / "meta.json").write_text(json.dumps(meta, indent=4))
-    (folder / "id2len.json").write_text(json.dumps({t: len(r["input_ids"]) for t, r in rows.items()}))
-    (folder / "txt2img.json").write_text(json.dumps({t: r["img_fname"] for t, r in rows.items()}))
-    (folder / "img2txts.json").write_text(json.dumps(img2txts))
 
 
 @pytest.fixture
@@ -118,7 +69,7 @@ def test_released_databases_convert_and_equal_a_direct_read(released):
     assert len(shards) == 4
     for fname, dump in stored.items():
         image = next(im for im in shards.values() if im.image_id == Path(fname).stem)
-        k = _reference_nbb(dump["conf"].astype(np.float32))  # nothing beyond the stored count
+        k = reference_nbb(dump["conf"].astype(np.float32))  # nothing beyond the stored count
         assert len(image.feat) == len(dump["features"]) == k
         assert np.array_equal(image.feat, dump["features"])
         bb = dump["norm_bb"].astype(np.float32)
@@ -204,7 +155,7 @@ def test_the_lmdb_folder_itself_and_a_database_without_nbb_json(released):
     direct.close()
     (root / "img_db" / "coco_train2014" / "nbb_th0.2_max100_min10.json").unlink()
     recount = ImageDb(root / "img_db" / "coco_train2014")  # box count from conf, as the reference's fallback
-    assert len(recount.read(fname)["features"]) == _reference_nbb(stored[fname]["conf"].astype(np.float32))
+    assert len(recount.read(fname)["features"]) == reference_nbb(stored[fname]["conf"].astype(np.float32))
     assert set(recount.names()) == {"coco_train2014_000000000000.npz", fname}
 
 

@@ -79,7 +79,7 @@ def pretrain_arm(arm: Arm, seed: int, base_config: str, run_dir: Path, steps: in
 def starting_point(experiment: ExperimentConfig, seed: int, folder: Path) -> UniterModel:
     """The arm without pretraining: the weights every arm starts from (random with this seed, or the
     config's ``model.init_from``), saved and reloaded as an export would be."""
-    from ..train.pretrain import build_model
+    from ..train.engine import build_model
 
     torch.manual_seed(seed)
     build_model(experiment).uniter.save_pretrained(folder)

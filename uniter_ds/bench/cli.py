@@ -108,8 +108,10 @@ def _train(args: argparse.Namespace) -> int:
         return _relaunch(args)
     import torch
 
+    from ..model.options import ModelOptions, option_problems
     from ..train.distributed import init_distributed
     from .train import (
+        OPTION_FLAGS,
         bench_baseline,
         bench_ours,
         default_precision,
@@ -122,8 +124,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed()
-    if args.cuda_graphs and device.type != "cuda":
-        raise ValueError("--cuda-graphs: CUDA graphs need a CUDA GPU; this run is on the CPU")
+    for key, why in option_problems(ModelOptions(cuda_graphs=args.cuda_graphs), cuda_available=device.type == "cuda"):
+        raise ValueError(f"{OPTION_FLAGS[key]}: {why}")
     if args.precision is None:
         args.precision = default_precision(device.type == "cuda")
     peak = device_peak(device, args.precision)

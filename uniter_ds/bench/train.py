@@ -35,7 +35,7 @@ from ..data import LoaderConfig, TaskStream, build_loader, synth_dataset
 from ..model import UniterConfig, UniterForPretraining
 from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels, sdpa_backend
-from ..model.modeling import zero3_compile_problem
+from ..model.options import ModelOptions, apply_options, option_problems
 from ..model.tasks import DEFAULT_BENCH_TASKS
 from ..provenance import cpu_native_bf16, device_name, git_commit, git_dirty, package_versions
 from ..train.distributed import init_distributed
@@ -55,6 +55,11 @@ GPU_PEAKS: tuple[tuple[str, float, str], ...] = (
     ("A100", 312.0, "A100"),
     ("V100", 125.0, "V100 (fp16)"),
 )
+
+
+# The bench's flag for each experiment-config key that option_problems names.
+OPTION_FLAGS = {"model.cuda_graphs": "--cuda-graphs", "model.compile": "--compile",
+                "model.packed_attention": "--packed-attention", "data.batching": "--batching"}
 
 
 @dataclass
@@ -99,18 +104,18 @@ class BenchSettings:
                   "optimizer": self.optimizer in ("torch", "deepspeed"),
                   "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1,
                   "batching": self.batching == "budget" or (self.batching == "rows" and self.pack_row_len is not None
-                                                            and self.pack_row_len <= self.token_budget),
-                  "packed_attention": self.packed_attention in ("auto", "nested", "mask", "buckets"),
-                  "cuda_graphs": not self.cuda_graphs or (self.batching == "rows"
-                                                          and self.packed_attention in ("auto", "mask")
-                                                          and not self.compile and not self.activation_checkpointing)}
+                                                            and self.pack_row_len <= self.token_budget)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            hints = {"batching": " (rows: needs --layout packed and a budget >= --pack-row-len)",
-                     "cuda_graphs": " (needs --layout packed --batching rows, --packed-attention auto or mask; not "
-                                    "with --compile or --activation-checkpointing)"}
+            hints = {"batching": " (rows: needs --layout packed and a budget >= --pack-row-len)"}
             raise ValueError("bench settings: invalid " + ", ".join(f"{n}={getattr(self, n)!r}{hints.get(n, '')}"
                                                                      for n in bad))
+        for key, why in option_problems(self.options(), batching=self.batching):
+            raise ValueError(f"{OPTION_FLAGS.get(key, key)}: {why}")
+
+    def options(self) -> ModelOptions:
+        return ModelOptions(activation_checkpointing=self.activation_checkpointing, compile=self.compile,
+                            packed_attention=self.packed_attention, cuda_graphs=self.cuda_graphs)
 
     def model_config(self) -> UniterConfig:
         return UniterConfig.from_preset(self.preset, hidden_dropout_prob=0.1)
@@ -242,11 +247,16 @@ def make_batches(config: UniterConfig, tasks: list[str], token_budget: int, coun
     out = []
     for task in tasks:
         stream = TaskStream([folder], task, LoaderConfig(token_budget=token_budget, split="resampled", seed=seed,
-                                                         num_workers=0, max_text_len=None, pack_row_len=pack_row_len,
-                                                         batching=batching))
+                                                         num_workers=0, max_text_len=None, batching=batching,
+                                                         **packed_layout(pack_row_len)))
         iterator = iter(stream)
         out += [(task, next(iterator)) for _ in range(count)]
     return out
+
+
+def packed_layout(pack_row_len: int | None) -> dict[str, Any]:
+    """The loader's layout settings for rows of ``pack_row_len`` tokens (None: the padded layout)."""
+    return {"layout": "packed", "pack_row_len": pack_row_len} if pack_row_len else {"layout": "padded"}
 
 
 def step_batches(settings: BenchSettings, config: UniterConfig, device: torch.device, rank: int = 0,
@@ -267,8 +277,8 @@ def step_batches(settings: BenchSettings, config: UniterConfig, device: torch.de
         return
     folder = dataset_folder(settings, config)
     loader_config = LoaderConfig(token_budget=settings.token_budget, split="resampled", seed=rank,
-                                 num_workers=settings.workers, max_text_len=None, pack_row_len=settings.pack_row_len,
-                                 batching=settings.batching)
+                                 num_workers=settings.workers, max_text_len=None, batching=settings.batching,
+                                 **packed_layout(settings.pack_row_len))
     streams = {task: iter(build_loader([folder], task, loader_config, rank=rank, world_size=world))
                for task in settings.tasks}
     for task in itertools.cycle(settings.tasks):
@@ -531,7 +541,7 @@ def bench_deepspeed_config(settings: BenchSettings, on_gpu: bool) -> tuple[dict[
     """The DeepSpeed config of a measurement and where it came from: ``settings.deepspeed_config``,
     else ``ds_configs/zero{Z}_{P}.json``, else the bare equivalent; plus what the bench manages
     (micro-batch, accumulation, clipping, optimizer) exactly as pretraining sets it."""
-    from ..train.pretrain import optimizer_config
+    from ..train.engine import optimizer_config
 
     path = Path(settings.deepspeed_config) if settings.deepspeed_config else default_deepspeed_config(
         settings.zero_stage, settings.precision)
@@ -549,8 +559,8 @@ def bench_deepspeed_config(settings: BenchSettings, on_gpu: bool) -> tuple[dict[
                "gradient_clipping": 5.0, "steps_per_print": 10**9,
                "optimizer": optimizer_config(1e-5, [0.9, 0.98], 1e-6, 0.01, on_gpu, settings.optimizer)}
     config.pop("train_batch_size", None)
-    if settings.compile and (problem := zero3_compile_problem(config.get("zero_optimization", {}))):
-        raise ValueError(f"--compile with {source}: {problem}")
+    for key, why in option_problems(settings.options(), zero_optimization=config.get("zero_optimization", {})):
+        raise ValueError(f"{OPTION_FLAGS.get(key, key)} with {source}: {why}")
     return config, source
 
 
@@ -594,8 +604,9 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
     import deepspeed
 
     from ..model.kernels import attention_backend
-    from ..train.pretrain import new_window, param_groups, train_step
+    from ..train.engine import param_groups
     from ..train.scheduler import Stream
+    from ..train.step import new_window, train_step
 
     rank, world, device = init_distributed()
     on_gpu = device.type == "cuda"
@@ -607,15 +618,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
     with kernel_choice(settings):
         torch.manual_seed(0)
         model = UniterForPretraining(config)
-        model.uniter.encoder.activation_checkpointing = settings.activation_checkpointing
-        model.uniter.encoder.packed_attention = settings.packed_attention
-        if settings.compile:
-            model.compile_for_training()
-        if settings.cuda_graphs:
-            if settings.zero_stage == 3:
-                raise ValueError("--cuda-graphs: not with ZeRO-3 (its hooks gather each layer's parameters inside "
-                                 "the forward, which a graph cannot replay)")
-            model.uniter.encoder.use_cuda_graphs()
+        apply_options(model, settings.options())
         form = model.uniter.encoder.packed_attention_form(torch.empty(0, device=device))
         if settings.pack_row_len is None:
             form = "padded"
@@ -646,7 +649,7 @@ def bench_ours(settings: BenchSettings, budgets: list[int], record: Record, prof
                 else:  # the other ranks take part in the profiled steps
                     for _ in range(at.profile_steps):
                         step(*next(feed))
-            graphs = f"{len(model.uniter.encoder.graphed)} shape(s) captured" if at.cuda_graphs else "off"
+            graphs = f"{len(model.uniter.encoder.graphs.captured)} shape(s) captured" if at.cuda_graphs else "off"
             result |= {"token_budget": at.token_budget, "system": "uniter-ds", "zero_stage": at.zero_stage,
                        "precision": at.precision, "deepspeed_config": ds_source,
                        "kernels": kernels | {"cuda_graphs": graphs}}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,47 +17,9 @@ from ..model.inputs import UniterBatch
 from ..model.tasks import SOFT_LABEL_TASKS, TASKS, check_task
 from .batching import collate
 from .format import DataError, Manifest, check_compatible
+from .loader_config import LoaderConfig
 from .pipeline import WorkerPipeline
 from .reader import ERROR_KINDS, resolve_sources
-
-
-@dataclass
-class LoaderConfig:
-    token_budget: int = 8192  # text + regions incl. padding, per micro-batch
-    split: str = "exact"  # "exact" or "resampled"
-    seed: int = 0
-    shuffle_buffer: int = 1000  # pairs
-    pool_budgets: int = 16  # the batcher sorts a pool of this many budgets' worth of tokens at a time
-    min_pool_tokens: int = 2**18  # ... and at least this many (about the reference's 8192-pair pool)
-    max_text_len: int | None = 60  # longer captions are dropped (and counted), as in the reference
-    on_error: str = "raise"  # "raise" or "skip" (skip and count)
-    num_workers: int = 2
-    mask_prob: float = 0.15
-    itm_neg_prob: float = 0.5
-    masking: str = "conditional"  # or "joint"
-    pad_to_multiple_of: int = 1
-    pack_row_len: int | None = None  # the packed layout (model/inputs.py): rows of this many tokens; None: padded
-    batching: str = "budget"  # "budget": similar lengths, <= token_budget; "rows": token_budget // pack_row_len
-    #                           full rows of the packed layout (batching.RowBatcher)
-    cache_dir: str | None = None  # remote shards are downloaded here once (default: $UNITER_DS_SHARD_CACHE)
-
-    def __post_init__(self) -> None:
-        checks = {
-            "token_budget": self.token_budget > 0, "split": self.split in ("exact", "resampled"),
-            "shuffle_buffer": self.shuffle_buffer >= 0, "pool_budgets": self.pool_budgets >= 1,
-            "min_pool_tokens": self.min_pool_tokens >= 1,
-            "on_error": self.on_error in ("raise", "skip"), "num_workers": self.num_workers >= 0,
-            "mask_prob": 0 < self.mask_prob < 1, "itm_neg_prob": 0 <= self.itm_neg_prob <= 1,
-            "masking": self.masking in ("conditional", "joint"), "pad_to_multiple_of": self.pad_to_multiple_of >= 1,
-            "max_text_len": self.max_text_len is None or self.max_text_len >= 1,
-            "pack_row_len": self.pack_row_len is None or self.pack_row_len >= 1,
-            "batching": self.batching == "budget" or (self.batching == "rows" and self.pack_row_len is not None
-                                                      and self.pack_row_len <= self.token_budget),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"LoaderConfig: invalid value for {bad}: " +
-                             ", ".join(f"{name}={getattr(self, name)!r}" for name in bad))
 
 
 class TaskStream(IterableDataset):
@@ -110,7 +71,7 @@ class TaskStream(IterableDataset):
         for group, place in pipeline.groups():
             if held is not None:
                 yield counted(held)
-            held = collate(group, self.task, cfg.pad_to_multiple_of, cfg.pack_row_len,
+            held = collate(group, self.task, cfg.pad_to_multiple_of, cfg.row_len,
                            cfg.token_budget // cfg.pack_row_len if cfg.batching == "rows" else None)
             held.meta["resume"] = place
         if held is not None:

@@ -122,12 +122,14 @@ class ReaderStats:
                 "errors": dict(self.errors), "last_errors": list(self.last_errors)}
 
 
-def resolve_sources(sources: Sequence[str | Path]) -> list[Shard]:
+def resolve_sources(sources: Sequence[str | Path] | Sequence[Shard]) -> list[Shard]:
     """Dataset folders (all their shards), shard globs or brace ranges, or the same as URLs and specs
     (sources.py) -> shards, with manifests.
 
     All sources must share the tokenizer and feature dims, since they end up in the same batches.
     """
+    if sources and all(isinstance(source, Shard) for source in sources):
+        return list(sources)  # resolved already (at the job's start): nothing to fetch again
     shards: list[Shard] = []
     manifests: dict[str, Manifest] = {}
 
@@ -166,6 +168,27 @@ def resolve_sources(sources: Sequence[str | Path]) -> list[Shard]:
                             f"({other.img_dim} vs {first.img_dim}-d, tokenizer {other.tokenizer.name} vs "
                             f"{first.tokenizer.name}); they cannot share batches")
     return shards
+
+
+def shards_to_json(shards: Sequence[Shard]) -> dict:
+    """Resolved shards as JSON-ready data (each manifest once): what the job's start hands its ranks."""
+    manifests: list[Manifest] = []
+    index: dict[int, int] = {}
+    listed = []
+    for shard in shards:
+        if id(shard.manifest) not in index:
+            index[id(shard.manifest)] = len(manifests)
+            manifests.append(shard.manifest)
+        listed.append({"path": str(shard.path), "local": not shard.is_remote, "images": shard.images,
+                       "bytes": shard.bytes, "manifest": index[id(shard.manifest)], "origin": shard.origin})
+    return {"manifests": [m.to_dict() for m in manifests], "shards": listed}
+
+
+def shards_from_json(data: dict, where: str) -> list[Shard]:
+    """:func:`shards_to_json`'s data back as shards; ``where`` names it in errors."""
+    manifests = [Manifest.from_text(json.dumps(m), f"{where} manifest {i}") for i, m in enumerate(data["manifests"])]
+    return [Shard(Path(s["path"]) if s["local"] else s["path"], s["images"], s["bytes"], manifests[s["manifest"]],
+                  s["origin"]) for s in data["shards"]]
 
 
 def _remote_shards(spec: str, manifest_of) -> list[Shard]:

@@ -295,3 +295,68 @@ class ReleasedDatabases:
         self.texts.close()
         for db in self.images:
             db.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the released layout (the tests' and benchmarks' databases)
+# ---------------------------------------------------------------------------------------------
+
+FIXTURE_DB_NAME = "feat_th0.2_max100_min10"
+FIXTURE_META = {"CLS": 101, "SEP": 102, "MASK": 103, "UNK": 100, "v_range": [106, 28996], "toker": "bert-base-cased",
+        "tokenizer": "bert-base-cased", "output": "/txt/pretrain_coco_train.db", "task": "pretrain"}
+
+
+def reference_nbb(conf: np.ndarray) -> int:
+    """The box count the authors kept: confidence over 0.2, between 10 and 100 boxes."""
+    return int(min(100, max(10, int((conf > 0.2).sum()))))
+
+
+def write_img_db(folder: Path, images: dict[str, dict[str, np.ndarray]], compressed: bool,
+                 values: dict[str, bytes] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The released image database; returns what it stored (fp16, cut to the box count). ``values``: raw
+    bytes to store instead for some keys (damaged records)."""
+    import lmdb
+    import msgpack
+    import msgpack_numpy  # the encoder the UNITER authors' code used (the [test] extra)
+
+    name = FIXTURE_DB_NAME + ("_compressed" if compressed else "")
+    (folder / name).mkdir(parents=True)
+    env = lmdb.open(str(folder / name), map_size=2**36)  # an upper bound, not an allocation
+    stored, nbb = {}, {}
+    with env.begin(write=True) as txn:
+        for fname, arrays in images.items():
+            nbb[fname] = reference_nbb(arrays["conf"])
+            dump = {k: a.astype(np.float16)[: nbb[fname]] for k, a in arrays.items()}
+            if compressed:
+                with io.BytesIO() as buffer:
+                    np.savez_compressed(buffer, **dump)
+                    value = buffer.getvalue()
+            else:
+                value = msgpack.dumps(dump, default=msgpack_numpy.encode, use_bin_type=True)
+            txn.put(fname.encode(), (values or {}).get(fname, value))
+            stored[fname] = dump
+        txn.put(b"__keys__", json.dumps(list(images)).encode())
+    env.close()
+    (folder / "nbb_th0.2_max100_min10.json").write_text(json.dumps(nbb))
+    return stored
+
+
+def write_txt_db(folder: Path, rows: dict[str, dict], meta: dict = FIXTURE_META) -> None:
+    """The released text database of ``rows`` (text id -> its msgpack map)."""
+    import lmdb
+    import lz4.frame
+    import msgpack
+
+    folder.mkdir(parents=True)
+    env = lmdb.open(str(folder), map_size=2**24)
+    with env.begin(write=True) as txn:
+        for text_id, row in rows.items():
+            txn.put(text_id.encode(), lz4.frame.compress(msgpack.dumps(row, use_bin_type=True)))
+    env.close()
+    img2txts: dict[str, list[str]] = {}
+    for text_id, row in rows.items():
+        img2txts.setdefault(row["img_fname"], []).append(text_id)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=4))
+    (folder / "id2len.json").write_text(json.dumps({t: len(r["input_ids"]) for t, r in rows.items()}))
+    (folder / "txt2img.json").write_text(json.dumps({t: r["img_fname"] for t, r in rows.items()}))
+    (folder / "img2txts.json").write_text(json.dumps(img2txts))

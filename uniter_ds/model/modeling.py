@@ -2,22 +2,22 @@
 
 Read top to bottom: embeddings for each modality, a BERT (post-LN) encoder over the compact
 sequence ``[CLS] words [SEP] regions <pad>``, the pooler, then the pretraining heads and losses, then
-a classification head for fine-tuning. Batches come from :func:`uniter_ds.model.inputs.build_batch`;
-the Hugging Face entry (``model(input_ids=..., attention_mask=..., img_feat=..., ...)``) takes padded
-keyword tensors instead.
+a classification head for fine-tuning. Self-attention and its packed forms are in attention.py;
+compile and CUDA graphs (which change how the encoder runs, not what it computes) in acceleration.py.
+Batches come from :func:`uniter_ds.model.inputs.build_batch`; the Hugging Face entry
+(``model(input_ids=..., attention_mask=..., img_feat=..., ...)``) takes padded keyword tensors instead.
 
-The models are Hugging Face ``PreTrainedModel`` s. This package (config, inputs, kernels, ot, modeling)
-imports nothing else from ``uniter_ds``: ``save_pretrained`` copies it beside the weights, and
-``AutoModel.from_pretrained(folder, trust_remote_code=True)`` loads it where uniter_ds is not installed.
+The models are Hugging Face ``PreTrainedModel`` s. This package (config, inputs, kernels, ot, tasks,
+attention, modeling) imports nothing else from ``uniter_ds``: ``save_pretrained`` copies it beside the
+weights, and ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` loads it where uniter_ds is
+not installed.
 """
 
 from __future__ import annotations
 
-import sys
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from .attention import LengthBuckets, SelfAttention, packed_key_mask, resolve_packed_attention
 from .config import UniterConfig
 from .inputs import UniterBatch, batch_from_masks, build_batch
 from .kernels import layer_norm
@@ -96,125 +97,6 @@ class ImageEmbeddings(nn.Module):
 # Encoder
 # ---------------------------------------------------------------------------------------------
 
-# torch.compile of an autograd.Function whose forward changes a tensor in place gives wrong gradients
-# on torch 2.11 (pytorch/pytorch#180642; benchmarks/compile_check.py's -zero3-linear variant: wrong on
-# 2.11.0, right on 2.12.1 and 2.13.0). Our layers hold no such function, but DeepSpeed's ZeRO-3 makes one
-# torch.nn.functional.linear for the whole process (zero_optimization.memory_efficient_linear, on by
-# default): its forward adds the bias in place.
-TORCH_WITH_INPLACE_FUNCTION_BUG = (2, 11)
-
-
-def torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
-
-
-ZERO3_LINEAR_REMEDY = ("set \"memory_efficient_linear\": false under zero_optimization in the DeepSpeed config "
-                       "(DeepSpeed's ZeRO-3 linear then stays out of torch.nn.functional), or train without "
-                       "model.compile / --compile")
-
-
-def zero3_compile_problem(zero_optimization: dict[str, Any]) -> str | None:
-    """Why compiled layers would train with wrong gradients under a DeepSpeed config's ``zero_optimization``
-    on this torch, or None."""
-    if (zero_optimization.get("stage", 0) != 3 or not zero_optimization.get("memory_efficient_linear", True)
-            or torch_version() != TORCH_WITH_INPLACE_FUNCTION_BUG):
-        return None
-    return (f"torch.compile with ZeRO-3 on torch {torch.__version__}: DeepSpeed's ZeRO-3 linear compiles with "
-            f"wrong gradients there (pytorch/pytorch#180642); {ZERO3_LINEAR_REMEDY}")
-
-
-def compiled_linear_problem() -> str | None:
-    """Why compiled layers would train with wrong gradients in this process, or None."""
-    zero3_linear = sys.modules.get("deepspeed.runtime.zero.linear")  # imported by DeepSpeed, never here
-    if (zero3_linear is None or F.linear is not getattr(zero3_linear, "zero3_linear_wrap", None)
-            or torch_version() != TORCH_WITH_INPLACE_FUNCTION_BUG):  # every compiled forward asks: cheapest first
-        return None
-    return ("torch.nn.functional.linear is DeepSpeed's ZeRO-3 linear in this process, and torch "
-            f"{torch.__version__} compiles it with wrong gradients (pytorch/pytorch#180642); {ZERO3_LINEAR_REMEDY}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoder layers
-# ---------------------------------------------------------------------------------------------
-
-
-class LengthBuckets(NamedTuple):
-    """The packed rows' attention run on the samples themselves: each sample's queries, keys and values
-    gathered from the rows into a bucket of samples padded to the same multiple of ``BUCKET_TOKENS``, one
-    attention call per bucket, the context scattered back into the rows. No score across samples, and
-    ~1.3x the samples' own scores where the dense mask computes ~3.5x (rows of 256)."""
-
-    gathers: tuple[Tensor, ...]  # per bucket [n, Lb]: each token's flat row position (0 past a sample's end)
-    key_masks: tuple[Tensor, ...]  # per bucket [n, 1, 1, Lb]: True on each sample's tokens
-    scatter: Tensor  # [R * Lr]: each row slot's position in the buckets' outputs, concatenated (empty slots: 0)
-
-
-BUCKET_TOKENS = 32
-
-
-def length_buckets(unpack_index: Tensor, lengths: Sequence[int], row_slots: int) -> LengthBuckets:
-    """:class:`LengthBuckets` for a packed batch: ``unpack_index`` [B, L] (each compact position's flat row
-    position), the samples' ``lengths`` (host integers: built on the host, then moved to the index's device)."""
-    device = unpack_index.device
-    by_length: dict[int, list[int]] = {}
-    for sample, length in enumerate(lengths):
-        by_length.setdefault(min(-(-length // BUCKET_TOKENS) * BUCKET_TOKENS, unpack_index.size(1)), []).append(sample)
-    gathers, key_masks, scatter, start = [], [], torch.zeros(row_slots, dtype=torch.long, device=device), 0
-    for bucket_length, samples in sorted(by_length.items()):
-        within = (torch.arange(bucket_length)[None] < torch.tensor([lengths[i] for i in samples])[:, None]).to(device)
-        gather = unpack_index[torch.tensor(samples, device=device), :bucket_length] * within
-        outputs = start + torch.arange(within.numel(), device=device).view_as(within)
-        scatter[gather[within]] = outputs[within]
-        gathers.append(gather)
-        key_masks.append(within[:, None, None, :])
-        start += within.numel()
-    return LengthBuckets(tuple(gathers), tuple(key_masks), scatter)
-
-
-@torch.compiler.disable  # its shapes and its number of calls change with every batch: no graph to reuse
-def bucketed_attention(qkv: Tensor, buckets: LengthBuckets, num_heads: int, dropout: float) -> Tensor:
-    """``qkv`` [R * Lr, 3H] of the flattened rows -> the context [R * Lr, H], each sample attending within itself."""
-    hidden = qkv.size(-1) // 3
-    contexts = []
-    for gather, key_mask in zip(buckets.gathers, buckets.key_masks):
-        count, length = gather.shape
-        q, k, v = qkv[gather].view(count, length, 3, num_heads, hidden // num_heads).permute(2, 0, 3, 1, 4)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
-        contexts.append(context.transpose(1, 2).reshape(count * length, hidden))
-    return torch.cat(contexts)[buckets.scatter]
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # fused query, key, value
-        self.out = nn.Linear(config.hidden_size, config.hidden_size)
-        self.attention_dropout = config.attention_probs_dropout_prob
-
-    def forward(self, x: Tensor, key_mask: Tensor | LengthBuckets) -> Tensor:
-        """``key_mask``: a boolean mask SDPA broadcasts over the scores; or, for packed rows, the offsets
-        of the sequences in the flattened rows (each attends within itself, as a jagged nested tensor), or
-        :class:`LengthBuckets`."""
-        batch, length, hidden = x.shape
-        dropout = self.attention_dropout if self.training else 0.0
-        if isinstance(key_mask, LengthBuckets):
-            context = bucketed_attention(self.qkv(x).flatten(0, 1), key_mask, self.num_heads, dropout)
-            return self.out(context.view(batch, length, hidden))
-        if key_mask.dim() == 1:
-            # Sequence-length bounds given, not measured: measuring them reads the offsets on the host (a sync).
-            # No sequence is empty (the offsets skip empty row tails) or longer than a row.
-            qkv = self.qkv(x).view(batch * length, 3, self.num_heads, self.head_dim)
-            q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), key_mask, min_seqlen=1, max_seqlen=length)
-                       .transpose(1, 2) for t in qkv.unbind(1))
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).values()
-            return self.out(context.reshape(batch, length, hidden))
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
-        return self.out(context.transpose(1, 2).reshape(batch, length, hidden))
-
 
 class EncoderLayer(nn.Module):
     """Post-LN BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
@@ -233,93 +115,23 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
 
 
-MAX_GRAPHED_SHAPES = 4
-
-
-class _LayerStack(nn.Module):
-    """The encoder's layers as one module to capture in a CUDA graph (held in a plain dict, so the
-    parameters keep their names in the encoder's state dict)."""
-
-    def __init__(self, layers: nn.ModuleList):
-        super().__init__()
-        self.layers = layers
-
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, key_mask)
-        return x
-
-
 class Encoder(nn.Module):
-    graph_device_type = "cuda"  # where captured graphs replay (tests/test_packed.py stands a CPU in for it)
+    """The layer stack. Options set on it: ``activation_checkpointing``, ``packed_attention``, and
+    ``graphs`` (training steps replayed from CUDA graphs); model/options.py applies them from a config."""
 
     def __init__(self, config: UniterConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.activation_checkpointing = False
-        # The packed layout's attention: "nested" (one jagged sequence per sample: no score across two
-        # samples is computed; CUDA's variable-length kernels), "mask" (dense rows with a block-diagonal
-        # mask; one shape, for CUDA graphs), "buckets" (LengthBuckets: the samples gathered by length, the
-        # fastest on CPU; reads the lengths on the host) or "auto" (CUDA: nested, mask under CUDA graphs;
-        # elsewhere buckets).
+        # The packed layout's attention: auto, nested, mask or buckets (attention.py).
         self.packed_attention = "auto"
-        self.cuda_graphs = False
-        self.graphed: dict[tuple, nn.Module] = {}  # input shapes -> the layer stack replayed from CUDA graphs
-        self.eager_shapes: set[tuple] = set()  # shapes beyond MAX_GRAPHED_SHAPES
-        self.compiled = False
-
-    def compile_layers(self) -> None:
-        """``torch.compile`` each layer in place (parameter names unchanged) with dynamic shapes:
-        the token-budget batches change length every step, and one graph per layer serves them all.
-        The forward refuses to run compiled layers where they would train wrong
-        (:func:`compiled_linear_problem`: torch 2.11 with DeepSpeed's ZeRO-3 linear)."""
-        for layer in self.layers:
-            layer.compile(dynamic=True)
-        self.compiled = True
-
-    def use_cuda_graphs(self) -> None:
-        """Training steps replay the whole layer stack, forward and backward, from CUDA graphs captured
-        at the first step of each input shape (``torch.cuda.make_graphed_callables``): one replay each
-        way instead of ~40 kernel launches per layer. Meant for one shape per run, the packed layout's
-        row-filling batcher (``data.batching: rows``); at most ``MAX_GRAPHED_SHAPES`` shapes are
-        captured, others run eagerly (with a warning). Evaluation runs eagerly.
-
-        Dropout works (CUDA graphs draw fresh random numbers on each replay) but not with the eager
-        path's numbers: capture runs three warm-up passes that advance the generator. Each parameter
-        gradient is copied out of the graph's static buffer (a hook): the buffer is overwritten by the
-        next replay, and gradient accumulation into an aliased ``.grad`` would double-count
-        (pytorch/pytorch#181723). Not with activation checkpointing or ZeRO-3 (their hooks re-enter
-        the layers' forward, which a graph cannot)."""
-        if not torch.cuda.is_available():
-            raise RuntimeError("CUDA graphs (model.cuda_graphs / --cuda-graphs) need a CUDA GPU; none is visible")
-        if self.activation_checkpointing:
-            raise RuntimeError("CUDA graphs cannot replay activation checkpointing's recomputation: turn one off")
-        if self.packed_attention in ("nested", "buckets"):
-            raise RuntimeError(f"CUDA graphs replay one shape; the {self.packed_attention} attention's shapes change "
-                               "with every batch: use the mask form (model.packed_attention: mask or auto)")
-        if not self.cuda_graphs:
-            for parameter in self.layers.parameters():
-                parameter.register_hook(torch.clone)
-        self.cuda_graphs = True
+        # Training steps replay the layers from CUDA graphs when set (model/acceleration.py).
+        self.graphs: Callable[[Tensor, Tensor], Tensor | None] | None = None
 
     def packed_attention_form(self, x: Tensor) -> str:
         """How packed rows of ``x`` attend: "nested", "mask" or "buckets" (``packed_attention`` with auto
-        resolved for ``x``'s device; benchmarks/RESULTS.md measures each)."""
-        if self.packed_attention == "auto":
-            return ("mask" if self.cuda_graphs else "nested") if x.is_cuda else "buckets"
-        return self.packed_attention
-
-    def _graphed_stack(self, x: Tensor, key_mask: Tensor) -> nn.Module | None:
-        key = (tuple(x.shape), x.dtype, tuple(key_mask.shape), key_mask.dtype, x.device)
-        stack = self.graphed.get(key)
-        if stack is None and len(self.graphed) < MAX_GRAPHED_SHAPES:
-            sample = (x.detach().requires_grad_(x.requires_grad), key_mask)
-            stack = self.graphed[key] = torch.cuda.make_graphed_callables(_LayerStack(self.layers), sample)
-        elif stack is None and key not in self.eager_shapes:
-            self.eager_shapes.add(key)
-            warnings.warn(f"CUDA graphs: {MAX_GRAPHED_SHAPES} input shapes captured already; {key[0]} runs eagerly, "
-                          f"as every further shape (data.batching: rows gives one shape per run)", stacklevel=3)
-        return stack
+        resolved for ``x``'s device)."""
+        return resolve_packed_attention(self.packed_attention, x.is_cuda, self.graphs is not None)
 
     def forward(self, x: Tensor, attn_mask: Tensor | LengthBuckets) -> Tensor:
         """``attn_mask``: [B, L] (True on real tokens: every query sees them), [B, L, L] (which keys each
@@ -328,12 +140,10 @@ class Encoder(nn.Module):
         key_mask = attn_mask
         if isinstance(attn_mask, Tensor) and attn_mask.dim() > 1:  # broadcast over heads (and queries for [B, L])
             key_mask = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask[:, None]
-        if self.compiled and (problem := compiled_linear_problem()):
-            raise RuntimeError(problem)
-        if self.cuda_graphs and self.training and torch.is_grad_enabled() and x.device.type == self.graph_device_type:
-            stack = self._graphed_stack(x, key_mask)
-            if stack is not None:
-                return stack(x, key_mask)
+        if self.graphs is not None and self.training and torch.is_grad_enabled():
+            replayed = self.graphs(x, key_mask)
+            if replayed is not None:
+                return replayed
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, key_mask, use_reentrant=False)
@@ -467,16 +277,7 @@ class UniterModel(UniterPreTrainedModel):
             x = self.encoder(x, batch.attn_mask)
         else:  # rows of several samples, each token attending to its own sample's only
             hidden = x.size(-1)
-            form = self.encoder.packed_attention_form(x)
-            if form == "nested":
-                within = batch.pack_offsets
-            elif form == "mask":
-                within = batch.pack_segments.unsqueeze(2) == batch.pack_segments.unsqueeze(1)
-            elif form == "buckets":
-                within = length_buckets(batch.unpack_index, (batch.txt_lens + batch.img_lens).tolist(),
-                                        batch.pack_index.numel())
-            else:
-                raise ValueError(f"packed_attention {form!r}: expected auto, nested, mask or buckets")
+            within = packed_key_mask(batch, self.encoder.packed_attention_form(x))
             rows = self.encoder(x.reshape(-1, hidden)[batch.pack_index], within)
             x = rows.reshape(-1, hidden)[batch.unpack_index]
         pooled = torch.tanh(self.pooler(x[:, 0]))
@@ -629,12 +430,6 @@ class UniterForPretraining(UniterPreTrainedModel):
         self.wra_weight = wra_weight
         self.ipot = dict(beta=ipot_beta, iterations=ipot_iterations, inner_steps=ipot_inner_steps, compiled=False)
         self.post_init()  # the encoder initialised itself; this initialises the heads' own layers
-
-    def compile_for_training(self) -> None:
-        """``torch.compile`` the encoder layers (:meth:`Encoder.compile_layers`)
-        and WRA's IPOT loop (ot.py: ~450 launches per ITM micro-batch eagerly)."""
-        self.uniter.encoder.compile_layers()
-        self.ipot["compiled"] = True
 
     def forward(self, batch: UniterBatch, task: str) -> TaskOutput:
         check_task(task)

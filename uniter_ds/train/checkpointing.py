@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,8 +35,15 @@ from ..run_layout import (
     tag_for,
 )
 
+if TYPE_CHECKING:
+    from .config import ExperimentConfig
+    from .feed import DataFeed
+    from .scheduler import TaskScheduler
+
+logger = logging.getLogger("uniter_ds.pretrain")
+
 __all__ = ["MARKER", "complete_checkpoints", "find_resume_point", "is_complete", "load", "rng_state", "save",
-           "set_rng_state", "tag_for"]
+           "set_rng_state", "tag_for", "Start", "resume_from", "save_run"]
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -138,3 +148,61 @@ def load(engine, folder: Path) -> dict[str, Any]:
     if own.exists():
         client_state = client_state | {"rank": torch.load(own, weights_only=False)}
     return client_state
+
+
+# ---------------------------------------------------------------------------------------------
+# A pretraining run's checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Start:
+    """Where the run starts: the step, this rank's data state (None: from scratch), and for a resumed run
+    the times the resume took."""
+
+    step: int = 0
+    data_state: dict[str, Any] | None = None
+    clock: dict[str, float] = field(default_factory=dict)
+
+    def first_step_done(self, step: int, rank: int) -> None:
+        if not self.clock or "first_step" in self.clock:
+            return
+        self.clock["first_step"] = time.perf_counter()
+        if rank == 0:
+            logger.info("resumed: step %d done %.1f s after the checkpoint began to load (%.1f s loading it, "
+                        "%.1f s restoring the data streams and making the step)", step,
+                        self.clock["first_step"] - self.clock["began"], self.clock["loaded"] - self.clock["began"],
+                        self.clock["first_step"] - self.clock["loaded"])
+
+
+def resume_from(engine: Any, scheduler: TaskScheduler, checkpoint_root: Path, resume: str | None, rank: int) -> Start:
+    """``--resume`` (the latest complete checkpoint, or PATH): the engine, optimizer and RNG restored, the
+    task schedule checked; without it, step 0 (with a warning over an earlier run's checkpoints)."""
+    if resume not in (None, "latest") and not Path(resume).exists():
+        raise FileNotFoundError(f"--resume {resume}: does not exist")
+    if resume is None:
+        if rank == 0 and (earlier := complete_checkpoints(checkpoint_root)):
+            logger.warning("starting from step 0 in %s, which holds an earlier run's checkpoints (%s): this run's "
+                           "checkpoints replace them under checkpoint.keep_last; --resume continues that run "
+                           "instead", checkpoint_root.parent, ", ".join(p.name for p in earlier))
+        return Start()
+    point = find_resume_point(checkpoint_root if resume == "latest" else Path(resume))
+    if point is None:
+        if rank == 0:
+            logger.info("no complete checkpoint under %s: starting from step 0", checkpoint_root)
+        return Start()
+    began = time.perf_counter()
+    client = load(engine, point)
+    scheduler.check_state(client["scheduler"])
+    if rank == 0:
+        logger.info("resumed from %s at step %d", point, client["step"])
+    return Start(client["step"], client.get("rank", {}).get("data", client["data"]),
+                 {"began": began, "loaded": time.perf_counter()})
+
+
+def save_run(engine: Any, config: ExperimentConfig, scheduler: TaskScheduler, feed: DataFeed, step: int) -> Path:
+    """A complete checkpoint of every rank (checkpointing.py: a crash never leaves a half-written one)."""
+    client = {"step": step, "scheduler": scheduler.state_dict(), "data": feed.state_dict(workers=False),
+              "config": config.to_dict()}
+    return save(engine, Path(config.run_dir) / "checkpoints", step, client, config.checkpoint.keep_last,
+                              rank_state={"data": feed.state_dict()})

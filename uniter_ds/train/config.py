@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from ..data.loader_config import LoaderSettings
+from ..model.options import ModelOptions, option_problems
 from ..model.tasks import TASKS
 
 
@@ -45,6 +47,10 @@ class ModelSection:
     # Replay the encoder's layers from CUDA graphs (GPU; one shape per run: data.batching rows).
     cuda_graphs: bool = False
 
+    def options(self) -> ModelOptions:
+        return ModelOptions(activation_checkpointing=self.activation_checkpointing, compile=self.compile,
+                            packed_attention=self.packed_attention, cuda_graphs=self.cuda_graphs)
+
     def uniter_config(self):  # -> UniterConfig (imported here: the config module stays light)
         """The model's configuration: the preset or the json file, with the overrides over it."""
         from ..model import UniterConfig
@@ -63,26 +69,12 @@ class TrainDataset:
 
 
 @dataclass
-class DataSection:
+class DataSection(LoaderSettings):
+    """The loader's settings (data/loader_config.py: token budget, split, workers, masking, layout, ...)
+    and what the run does with its datasets."""
+
     train: list[TrainDataset] = field(default_factory=list)
     val: list[str] = field(default_factory=list)
-    token_budget: int = 8192
-    num_workers: int = 2
-    split: str = "resampled"  # exact | resampled
-    shuffle_buffer: int = 1000
-    max_text_len: int | None = 60
-    on_error: str = "raise"  # raise | skip
-    masking: str = "conditional"  # conditional | joint
-    pad_to_multiple_of: int = 1
-    # "padded": each micro-batch is [samples, longest sample]; "packed": the encoder runs the samples packed
-    # into rows of pack_row_len tokens (at least the longest sample), attending within each sample only.
-    layout: str = "padded"
-    pack_row_len: int = 256
-    # "budget": micro-batches of similar-length samples, <= token_budget tokens padded; "rows" (packed
-    # layout only): exactly token_budget // pack_row_len rows filled best-fit from a pool of mixed lengths,
-    # so every micro-batch has one shape (1-3% padding).
-    batching: str = "budget"
-    cache_dir: str | None = None  # remote (URL) shards are downloaded here once and read locally after
     # How a resumed run finds its place in the data: "exact" restores each loader worker from its saved
     # place (the same batches as an uninterrupted run, at the same cost at any step); "replay" re-reads
     # the batches already used (exact, cost grows with the step); "reseed" starts fresh streams.
@@ -153,19 +145,15 @@ class ExperimentConfig:
             return ConfigError(f"config key {key!r}: {why}")
 
         choices = {"task_draw": (self.task_draw, ("step", "micro_batch")),
-                   "data.split": (self.data.split, ("exact", "resampled")),
-                   "data.on_error": (self.data.on_error, ("raise", "skip")),
-                   "data.masking": (self.data.masking, ("conditional", "joint")),
                    "data.resume": (self.data.resume, ("exact", "replay", "reseed")),
-                   "data.layout": (self.data.layout, ("padded", "packed")),
-                   "data.batching": (self.data.batching, ("budget", "rows")),
-                   "model.packed_attention": (self.model.packed_attention, ("auto", "nested", "mask", "buckets")),
                    "optim.implementation": (self.optim.implementation, ("torch", "deepspeed")),
                    "model.preset": (self.model.preset, ("tiny", "base", "large")),
                    "model.mrc_kl": (self.model.mrc_kl, ("original", "per_region"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise bad(key, f"{value!r} is not one of {list(allowed)}")
+        for key, why in self.data.problems():
+            raise bad(f"data.{key}", why)
         if not self.data.train:
             raise bad("data.train", "at least one training dataset is needed")
         for i, dataset in enumerate(self.data.train):
@@ -182,32 +170,19 @@ class ExperimentConfig:
         if len(set(names)) != len(names):
             raise bad("data.train", f"dataset names must be unique, got {names}")
         positive = {"optim.lr": self.optim.lr, "optim.total_steps": self.optim.total_steps,
-                    "optim.grad_accum": self.optim.grad_accum, "data.token_budget": self.data.token_budget,
-                    "data.pack_row_len": self.data.pack_row_len,
-                    "tracking.log_every": self.tracking.log_every, "eval.batches": self.eval.batches}
+                    "optim.grad_accum": self.optim.grad_accum, "tracking.log_every": self.tracking.log_every,
+                    "eval.batches": self.eval.batches}
         for key, value in positive.items():
             if value <= 0:
                 raise bad(key, f"must be > 0, got {value}")
         non_negative = {"optim.warmup_steps": self.optim.warmup_steps, "optim.weight_decay": self.optim.weight_decay,
                         "optim.grad_clip": self.optim.grad_clip, "eval.every": self.eval.every,
-                        "checkpoint.every": self.checkpoint.every, "data.num_workers": self.data.num_workers}
+                        "checkpoint.every": self.checkpoint.every}
         for key, value in non_negative.items():
             if value < 0:
                 raise bad(key, f"must be >= 0, got {value}")
-        if self.model.cuda_graphs and self.data.batching != "rows":
-            raise bad("model.cuda_graphs", "needs one encoder shape per run: set data.layout: packed and "
-                                           "data.batching: rows")
-        if self.model.cuda_graphs and self.model.packed_attention in ("nested", "buckets"):
-            raise bad("model.cuda_graphs", f"the {self.model.packed_attention} attention's shapes change with every "
-                                           "batch, a graph replays one shape: set model.packed_attention: mask or auto")
-        if self.model.cuda_graphs and (self.model.activation_checkpointing or self.model.compile):
-            raise bad("model.cuda_graphs", "not with model.activation_checkpointing or model.compile (a graph "
-                                           "cannot replay a recomputation; compile has its own graphs)")
-        if self.data.batching == "rows" and self.data.layout != "packed":
-            raise bad("data.batching", "'rows' fills the packed layout's rows: set data.layout: packed")
-        if self.data.batching == "rows" and self.data.token_budget < self.data.pack_row_len:
-            raise bad("data.token_budget", f"{self.data.token_budget} holds no row of data.pack_row_len "
-                                           f"{self.data.pack_row_len} tokens (data.batching: rows)")
+        for key, why in option_problems(self.model.options(), batching=self.data.batching):
+            raise bad(key, why)
         if not 0 <= self.data.max_skip_fraction <= 1:
             raise bad("data.max_skip_fraction", f"a share in [0, 1], got {self.data.max_skip_fraction}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
@@ -335,11 +310,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def check_with_deepspeed(config: ExperimentConfig, ds: dict[str, Any], path: str | Path) -> None:
     """What the experiment config refuses given its DeepSpeed file (``path``, read into ``ds``)."""
     zero = ds.get("zero_optimization", {})
-    if config.model.cuda_graphs and zero.get("stage", 0) == 3:
-        raise ConfigError(f"config key 'model.cuda_graphs': not with ZeRO-3 ({path}): its hooks gather and release "
-                          f"each layer's parameters inside the forward, which a graph cannot replay")
-    if config.model.compile:
-        from ..model.modeling import zero3_compile_problem
-
-        if problem := zero3_compile_problem(zero):
-            raise ConfigError(f"config key 'model.compile' with {path}: {problem}")
+    for key, why in option_problems(config.model.options(), batching=config.data.batching, zero_optimization=zero):
+        raise ConfigError(f"config key {key!r} with {path}: {why}")

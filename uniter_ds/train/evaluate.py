@@ -12,9 +12,11 @@ evaluation and numbers are comparable across a run.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +25,13 @@ from ..data.reader import pairs_of
 from ..model.inputs import UniterBatch, build_batch
 from ..model.modeling import TaskOutput
 from ..model.tasks import ACCURACY_TASKS
+
+if TYPE_CHECKING:
+    from ..data.reader import Shard
+    from .config import ExperimentConfig
+    from .tracking import Tracker
+
+logger = logging.getLogger("uniter_ds.pretrain")
 
 EVAL_SEED = 1234
 
@@ -123,3 +132,26 @@ def evaluate(forward: Forward, val_paths: Sequence[str | Path], tasks: Sequence[
         if len(pairs) > 1:
             metrics |= recall_at_k(itm_scores(forward, pairs, device))
     return metrics
+
+
+class Evaluation:
+    """The held-out evaluation (evaluate.py) of the engine at a step, logged; {} without a held-out set."""
+
+    def __init__(self, config: ExperimentConfig, val_shards: list[Shard], tasks: list[str], device: torch.device,
+                 tracker: Tracker, rank: int):
+        self.config, self.val_shards, self.tasks, self.device = config, val_shards, tasks, device
+        self.tracker, self.rank = tracker, rank
+
+    def __call__(self, engine: Any, step: int) -> dict[str, float]:
+        if not self.val_shards:
+            return {}
+        config = self.config
+        engine.eval()
+        metrics = evaluate(lambda b, t: engine(b, t), self.val_shards, self.tasks, batches=config.eval.batches,
+                           retrieval_images=config.eval.retrieval_images, token_budget=config.data.token_budget,
+                           max_text_len=config.data.max_text_len, device=self.device)
+        engine.train()
+        self.tracker.log_metrics(metrics, step)
+        if self.rank == 0:
+            logger.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        return metrics

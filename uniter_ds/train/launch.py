@@ -13,9 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from ..model.options import option_problems
 from ..model.tasks import needs_soft_labels
 from .config import check_with_deepspeed, load_config
 
@@ -35,13 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the launcher command, start nothing")
 
 
+def deepspeed_executable() -> str:
+    """The ``deepspeed`` launcher of this interpreter's environment first: another venv's on PATH would
+    start the ranks with that venv's Python and its copy of this package."""
+    beside = Path(sys.executable).with_name("deepspeed")
+    return str(beside) if beside.exists() else shutil.which("deepspeed") or "deepspeed"
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a job's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launcher_options(args: argparse.Namespace, on_gpu: bool) -> list[str]:
     """``deepspeed`` and its placement options (also used by ``uniter-ds bench --num-gpus``)."""
-    # The launcher of this interpreter's environment first: another venv's `deepspeed` on PATH would
-    # start the ranks with that venv's Python and its copy of this package.
-    beside = Path(sys.executable).with_name("deepspeed")
-    deepspeed = str(beside) if beside.exists() else shutil.which("deepspeed") or "deepspeed"
-    command = [deepspeed]
+    command = [deepspeed_executable()]
     if args.hostfile:
         command += ["--hostfile", args.hostfile]
     if args.num_nodes is not None:
@@ -55,6 +69,10 @@ def launcher_options(args: argparse.Namespace, on_gpu: bool) -> list[str]:
         command += ["--master_addr", args.master_addr]
     if args.master_port:
         command += ["--master_port", str(args.master_port)]
+    elif not (args.hostfile or args.num_nodes or getattr(args, "no_ssh", False)):
+        # One node: a port free now, not DeepSpeed's fixed 29500 (a second job on the machine would die on it).
+        # Across nodes every node must be given the same port: --master-port.
+        command += ["--master_port", str(free_port())]
     if getattr(args, "no_ssh", False):
         if args.node_rank is None:
             raise ValueError("--no-ssh needs --node-rank")
@@ -95,9 +113,10 @@ def run(args: argparse.Namespace) -> int:
     check_with_deepspeed(config, ds, ds_path)
     import torch
 
-    if config.model.cuda_graphs and not torch.cuda.is_available():
-        raise ValueError("config key 'model.cuda_graphs': CUDA graphs need a CUDA GPU, and none is visible here")
+    for key, why in option_problems(config.model.options(), cuda_available=torch.cuda.is_available()):
+        raise ValueError(f"config key {key!r}: {why}")
     from ..data import DataError, check_compatible, resolve_sources
+    from .sources import JOB_SOURCES_ENV, JobSources, to_json
 
     # Every dataset is resolved here as the ranks will resolve it (folders, globs, brace ranges, URLs
     # with their manifests), checked against the model, and its local shards against their manifest:
@@ -112,9 +131,10 @@ def run(args: argparse.Namespace) -> int:
         model = section.uniter_config()
     except (TypeError, ValueError) as error:
         raise ValueError(f"config key 'model': {error}") from None
-    datasets = [(f"data.train.{i}.paths", d.paths, d.tasks) for i, d in enumerate(config.data.train)]
-    datasets += [("data.val", config.data.val, {})] if config.data.val else []
-    for key, paths, tasks in datasets:
+    datasets = [(f"data.train.{i}.paths", d.name, d.paths, d.tasks) for i, d in enumerate(config.data.train)]
+    datasets += [("data.val", None, config.data.val, {})] if config.data.val else []
+    resolved = JobSources({}, [])
+    for key, name, paths, tasks in datasets:
         try:
             shards = resolve_sources(paths)
             check_compatible(shards[0].manifest, source=str(shards[0].origin), img_dim=model.img_dim,
@@ -122,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
                              vocab_size=model.vocab_size, need_soft_labels=needs_soft_labels(tasks))
         except DataError as error:
             raise ValueError(f"config key '{key}': {error}") from None
+        if name is None:
+            resolved.val = shards
+        else:
+            resolved.train[name] = shards
         damaged = [problem for problem in map(_unlike_manifest, shards) if problem]
         if damaged and config.data.on_error == "raise":
             raise ValueError(f"config key '{key}': {len(damaged)} shard(s) unlike their manifest: {damaged[0]}"
@@ -153,7 +177,11 @@ def run(args: argparse.Namespace) -> int:
     print(" ".join(command), flush=True)
     if args.dry_run:
         return 0
-    code = subprocess.call(command, env=env)
+    # The ranks take the datasets as resolved here (train/sources.py): nothing is fetched twice.
+    with tempfile.TemporaryDirectory(prefix="uniter-ds-job-") as folder:
+        env[JOB_SOURCES_ENV] = str(Path(folder) / "sources.json")
+        Path(env[JOB_SOURCES_ENV]).write_text(to_json(config, resolved))
+        code = subprocess.call(command, env=env)
     if code != 0 and lock_holder(run_dir):
         # The runner died (e.g. killed) while its ranks live on: say so, and return only when they are
         # gone, so that a resume started right after this command cannot run beside them.

@@ -25,12 +25,22 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ..provenance import device_name, git_commit, git_dirty, package_versions
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data.reader import Shard
+    from .checkpointing import Start
+    from .config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -272,3 +282,68 @@ def _can_sample_system() -> bool:
     except ImportError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# A pretraining run's record
+# ---------------------------------------------------------------------------------------------
+
+
+def track_run(config: ExperimentConfig, run_dir: Path, rank: int, world: int, device: torch.device, engine: Any,
+                   model: torch.nn.Module, start: Start, train_shards: dict[str, list[Shard]],
+                   val_shards: list[Shard]) -> Tracker:
+    """MLflow (rank 0): the config's parameters, what ran it (tags), on what data (datasets, manifests)."""
+    from ..model.kernels import active_kernels
+
+    tracker = Tracker(run_dir, enabled=rank == 0, use_mlflow=config.tracking.mlflow,
+                      experiment=config.tracking.experiment, tracking_uri=config.tracking.tracking_uri,
+                      run_name=run_dir.name, system_metrics_interval=config.tracking.system_metrics_interval or None,
+                      resume_step=start.step if start.data_state is not None else None)
+    tracker.log_params(config.flat() | {"world_size": str(world), "zero_stage": str(engine.zero_optimization_stage()),
+                                        "kernels": json.dumps(active_kernels(model))})
+    if rank == 0:
+        tracker.set_tags(run_tags(device, world))
+        for context, shards in [*(("train", s) for s in train_shards.values()), ("validation", val_shards)]:
+            for origin in dict.fromkeys(shard.origin for shard in shards):
+                tracker.log_dataset(origin, context)
+        tracker.log_artifacts(run_dir / "config.yaml", "config")
+        tracker.log_artifacts(Path(config.deepspeed_config), "config")
+    return tracker
+
+
+class Progress:
+    """Rank 0's progress: a bar on a terminal, else a log line per log step."""
+
+    def __init__(self, rank: int, config: ExperimentConfig, first: int, last: int):
+        self.rank, self.last, self.log_every = rank, last, config.tracking.log_every
+        self.bar = None
+        if rank == 0 and config.tracking.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=last, initial=first, desc="pretrain", dynamic_ncols=True)
+
+    def report(self, done: int, metrics: dict[str, float], seconds: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
+        elif self.rank == 0:
+            eta = (self.last - done) * seconds / self.log_every
+            logging.getLogger("uniter_ds.pretrain").info(
+                "step %d/%d loss %.4f lr %.3g %.1f samples/s eta %.0fs", done, self.last, metrics["loss"],
+                        metrics["lr"], metrics["samples_per_s"], eta)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_tags(device: torch.device, world: int) -> dict[str, Any]:
+    """MLflow tags: the code, the packages and the machine the run ran on."""
+    versions = package_versions()
+    dirty = git_dirty()
+    return {"git_commit": git_commit(), "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
+            "device": device_name(device), "device_type": device.type, "world_size": world,
+            **{f"version.{name}": version for name, version in versions.items()}}
