@@ -52,7 +52,8 @@ case "$cmd" in
         setup
         export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
         "$venv/bin/python" -m ruff check .
-        exec "$venv/bin/python" -m pytest "$@" ;;
+        # Two test processes (UNITER_DS_TEST_WORKERS; 0: one); tests sharing a trained run stay together.
+        exec "$venv/bin/python" -m pytest -n "${UNITER_DS_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
     demo)
         setup
         export PATH="$PWD/$venv/bin:$PATH"

@@ -90,7 +90,8 @@ def test_ablate_command_runs_pretraining_arms_and_probes_them(tmp_path):
     command = [sys.executable, "-m", "uniter_ds.cli", "ablate", "--config", str(config), "--out", str(out),
                "--arms", "none", "itm", "--seeds", "3", "--steps", "4", "--num-gpus", "1",
                "--probe-train-images", "50", "--probe-test-images", "30", "--probe-steps", "30",
-               "--set", "eval.batches=2", "--set", "eval.retrieval_images=10", "--set", "data.token_budget=512"]
+               "--set", "eval.batches=2", "--set", "eval.retrieval_images=10", "--set", "data.token_budget=512",
+               "--set", "data.pool_budgets=4", "--set", "data.min_pool_tokens=2048"]
     env = cpu_env() | {"MASTER_PORT": str(free_port())}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,8 +1,8 @@
 """Run under the deepspeed launcher by tests/test_train.py: train on fixed micro-batches and dump the
 per-step losses and final weights. Every step has GLOBAL_MICRO micro-batches; rank r of W takes
 micro-batches r*A .. r*A+A-1 with A = GLOBAL_MICRO / W accumulation steps, so any layout of ranks x
-accumulation sees the same global batches. ``--only-rank0-data`` trains one rank on rank 0's share
-alone: what rank 0 would compute if the gradient all-reduce were missing."""
+accumulation sees the same global batches. ``--also-rank0-data-alone`` then trains one rank on rank 0's
+share alone: what rank 0 would compute if the gradient all-reduce were missing."""
 
 from __future__ import annotations
 
@@ -15,14 +15,8 @@ import torch.distributed as dist
 
 from tests.helpers import collate, random_sample
 from uniter_ds.train.config import load_config
-from uniter_ds.train.pretrain import (
-    build_model,
-    deepspeed_config,
-    new_window,
-    param_groups,
-    reduce_window,
-    train_step,
-)
+from uniter_ds.train.engine import build_model, deepspeed_config, param_groups
+from uniter_ds.train.step import new_window, reduce_window, train_step
 from uniter_ds.train.scheduler import Stream
 
 GLOBAL_MICRO = 2
@@ -40,17 +34,8 @@ def batches_for(step: int, config) -> list:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--only-rank0-data", action="store_true")
-    parser.add_argument("--local_rank", type=int, default=-1)
-    args = parser.parse_args()
-    config = load_config(args.config)
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    share = 1 if args.only_rank0_data else GLOBAL_MICRO // world
+def train(config, rank: int, world: int, share: int) -> dict:
+    """Six steps from the config's seed, this rank taking ``share`` micro-batches of each global batch."""
     config.optim.grad_accum = share
     torch.manual_seed(config.seed)
     model = build_model(config)
@@ -64,9 +49,26 @@ def main() -> None:
         train_step(engine, mine, [Stream("eq", task)] * share, torch.device("cpu"), torch.device("cpu"), window,
                    names)
         losses.append(reduce_window(window, names, torch.device("cpu"))[f"train/eq/{task}/loss"])
+    return {"losses": losses, "weights": {k: v.float().tolist() for k, v in engine.module.state_dict().items()},
+            "world": world}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--also-rank0-data-alone", action="store_true",
+                        help="then train again on rank 0's share alone (one rank)")
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {"all": train(config, rank, world, GLOBAL_MICRO // world)}
+    if args.also_rank0_data_alone:
+        results["rank0-alone"] = train(config, rank, world, 1)
     if rank == 0:
-        weights = {k: v.float().tolist() for k, v in engine.module.state_dict().items()}
-        json.dump({"losses": losses, "weights": weights, "world": world}, open(args.out, "w"))
+        json.dump(results, open(args.out, "w"))
 
 
 if __name__ == "__main__":
