@@ -52,6 +52,16 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class CountingHandler(QuietHandler):
+    """Counts the GET requests per path (``CountingHandler.requests``; clear it between servers)."""
+
+    requests: dict[str, int] = {}
+
+    def do_GET(self) -> None:  # noqa: N802 -- http.server's name
+        CountingHandler.requests[self.path] = CountingHandler.requests.get(self.path, 0) + 1
+        super().do_GET()
+
+
 @contextlib.contextmanager
 def serve_folder(root: Path, handler: type[http.server.SimpleHTTPRequestHandler] = QuietHandler) -> Iterator[str]:
     """An HTTP server on 127.0.0.1 serving ``root`` from a thread; yields its base URL."""

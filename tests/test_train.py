@@ -19,7 +19,7 @@ from uniter_ds.train.checkpointing import find_resume_point
 from uniter_ds.train.config import ConfigError, load_config
 from uniter_ds.train.scheduler import Stream, TaskScheduler
 
-from .helpers import serve_folder
+from .helpers import CountingHandler, serve_folder
 from .launcher import ROOT, cpu_env, free_port, run_launcher
 
 EQUIVALENCE = str(ROOT / "tests" / "dist" / "equivalence.py")
@@ -233,24 +233,37 @@ def test_scheduler_is_identical_across_ranks_and_data_is_split(straight_run):
 
 
 def test_resume_continues_exactly_and_ignores_an_interrupted_checkpoint(tmp_path, shards, straight_run):
-    config = _run_config(tmp_path, shards, "resumed")
-    _pretrain(config, extra=["--set", "stop_at_step=4"])
+    """Stopped after step 2 and resumed: the next steps draw streams the first two steps had read from
+    (seed 5: itm at steps 1 and 3), which continue from their loader workers' saved places."""
+    config = _run_config(tmp_path, shards, "resumed", **{"checkpoint.every": 2})
+    _pretrain(config, extra=["--set", "stop_at_step=2"])
     root = tmp_path / "resumed" / "checkpoints"
-    assert (root / "latest").read_text() == "step00000004"
-    # A save killed half-way at step 6: the tag folder exists, has no completion marker, and in the
-    # worst case even `latest` names it. Resume must take step 4.
-    (root / "step00000006" / "global_step6").mkdir(parents=True)
-    (root / "latest").write_text("step00000006")
+    assert (root / "latest").read_text() == "step00000002"
+    # A save killed half-way at step 4: the tag folder exists, has no completion marker, and in the
+    # worst case even `latest` names it. Resume must take step 2.
+    (root / "step00000004" / "global_step4").mkdir(parents=True)
+    (root / "latest").write_text("step00000004")
     _pretrain(config, extra=["--resume"])
     _compare_runs(straight_run, tmp_path / "resumed", range(1, 9))
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
+    log = (tmp_path / "resumed" / "rank0.jsonl").read_text().splitlines()
+    streams = [json.loads(line)["streams"][0] for line in log]
+    assert streams[2] in streams[:2]  # the run continued a stream it had begun before the checkpoint
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step00000006", "step00000008"]
 
 
 def test_training_reads_shards_by_url_as_from_local_files(tmp_path, shards, straight_run):
-    """The same job with its training shards served over HTTP (a dataset folder URL) takes the same steps."""
-    with serve_folder(shards) as base:
+    """The same job with its training shards served over HTTP (a dataset folder URL), started by
+    `uniter-ds pretrain`, takes the same steps; the manifest is fetched once for the whole job (the
+    launcher's check hands its resolution to the ranks, which hand it to every loader and the export)."""
+    CountingHandler.requests.clear()
+    with serve_folder(shards, CountingHandler) as base:
         train = [{"name": "synth", "paths": [f"{base}/train/"], "tasks": {"itm": 3, "mlm": 4, "mrfr": 2, "mrc-kl": 2}}]
-        _pretrain(_run_config(tmp_path, shards, "by-url", **{"data.train": train}))
+        config = _run_config(tmp_path, shards, "by-url", **{"data.train": train})
+        started = subprocess.run([sys.executable, "-m", "uniter_ds.cli", "pretrain", "--config", str(config)],
+                                 cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-5000:]
+    assert CountingHandler.requests["/train/manifest.json"] == 1, CountingHandler.requests
+    assert sum(n for path, n in CountingHandler.requests.items() if path.endswith(".tar")) > 1  # shards: read
     _compare_runs(straight_run, tmp_path / "by-url", range(1, 9))
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer_info.json"):  # the export fetched them
         assert (tmp_path / "by-url" / "export" / "hf" / name).read_bytes() == \

@@ -276,7 +276,10 @@ def _outputs(model: torch.nn.Module, batch) -> torch.Tensor:
 
 def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype: str = "fp32", heads: bool = False,
            config_file: str | Path | None = None, overwrite: bool = False,
-           max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
+           max_shard_bytes: int = 5 * 2**30, training_data: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """Trained weights -> ``out/hf`` and/or ``out/uniter``, verified by reloading. ``training_data``: each
+    training dataset's (origin, manifest) where the caller resolved them already (a pretraining job's
+    end); else they are resolved from the checkpoint's config."""
     if fmt not in ("hf", "uniter", "both"):
         raise ExportError(f"--format must be hf, uniter or both, got {fmt!r}")
     if dtype not in DTYPES:
@@ -300,7 +303,8 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
             hf = tmp / "hf"
             model.to(DTYPES[dtype]).save_pretrained(hf, max_shard_size=max_shard_bytes)
             model.float()
-            training_data = _training_datasets(source.experiment)  # remote manifests: fetched once
+            if training_data is None:
+                training_data = _training_datasets(source.experiment)  # remote manifests: fetched once
             tokenizer = _export_tokenizer(training_data, hf)
             if tokenizer is None:
                 warnings.append("no tokenizer exported: the training data is not readable from here (its manifest "

@@ -1,4 +1,4 @@
-"""The shard format: a public contract, documented in docs/DATA_FORMAT.md.
+"""The shard format: a public contract, documented in docs/DATA.md.
 
 One WebDataset sample per IMAGE with all of its captions (features are stored once, however many
 captions an image has: Visual Genome averages 50 captions per image). Members of sample ``KEY``:

@@ -5,8 +5,7 @@ loading torch and transformers."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_exports
 
 _HOMES = {
     "checkpoint": ["LoadReport", "load_bert_weights", "load_original_state_dict", "to_original_state_dict"],
@@ -18,17 +17,4 @@ _HOMES = {
     "ot": ["ipot_plan", "wra_distance"],
     "tasks": ["TASKS"],
 }
-_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _HOMES, globals())

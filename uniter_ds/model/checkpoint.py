@@ -1,7 +1,7 @@
 """State-dict conversion between this model and the original UNITER layout, and BERT initialisation.
 
 The original layout (``UniterForPretraining`` of the authors' code, listed in
-``shared/reference/uniter-base-state-dict.txt``) names each of query/key/value separately and uses
+``tests/data/uniter-base-state-dict.txt``) names each of query/key/value separately and uses
 BERT's module names; this model fuses query/key/value into one ``qkv`` projection and uses shorter
 names. The table below is the whole difference. A Hugging Face BERT checkpoint uses the original
 names too (with ``bert.`` where UNITER has ``uniter.``), so BERT initialisation goes through the

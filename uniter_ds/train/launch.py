@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from ..model.options import option_problems
-from ..model.tasks import needs_soft_labels
 from .config import check_with_deepspeed, load_config
 
 
@@ -115,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
     for key, why in option_problems(config.model.options(), cuda_available=torch.cuda.is_available()):
         raise ValueError(f"config key {key!r}: {why}")
-    from ..data import DataError, check_compatible, resolve_sources
-    from .sources import JOB_SOURCES_ENV, JobSources, to_json
+    from ..data import DataError, resolve_sources
+    from .sources import JOB_SOURCES_ENV, JobSources, check_against_model, dataset_keys, to_json
 
     # Every dataset is resolved here as the ranks will resolve it (folders, globs, brace ranges, URLs
     # with their manifests), checked against the model, and its local shards against their manifest:
@@ -131,15 +130,10 @@ def run(args: argparse.Namespace) -> int:
         model = section.uniter_config()
     except (TypeError, ValueError) as error:
         raise ValueError(f"config key 'model': {error}") from None
-    datasets = [(f"data.train.{i}.paths", d.name, d.paths, d.tasks) for i, d in enumerate(config.data.train)]
-    datasets += [("data.val", None, config.data.val, {})] if config.data.val else []
     resolved = JobSources({}, [])
-    for key, name, paths, tasks in datasets:
+    for key, name, paths, _ in dataset_keys(config):
         try:
             shards = resolve_sources(paths)
-            check_compatible(shards[0].manifest, source=str(shards[0].origin), img_dim=model.img_dim,
-                             img_pos_dim=model.img_pos_dim, img_label_dim=model.img_label_dim,
-                             vocab_size=model.vocab_size, need_soft_labels=needs_soft_labels(tasks))
         except DataError as error:
             raise ValueError(f"config key '{key}': {error}") from None
         if name is None:
@@ -153,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
                              f"counted)")
         for shard in damaged:
             print(f"uniter-ds pretrain: warning: {key}: shard {shard}: skipped and counted when read", file=sys.stderr)
+    try:
+        check_against_model(config, resolved, model)
+    except DataError as error:
+        raise ValueError(str(error)) from None
     if args.resume not in (None, "latest") and not Path(args.resume).exists():
         raise ValueError(f"--resume {args.resume}: does not exist (a checkpoint folder, or a run's checkpoints "
                          f"folder; --resume alone continues the run directory's latest)")

@@ -25,9 +25,8 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 
 from .. import run_layout
-from ..data import DataError, check_compatible
+from ..data import DataError
 from ..data.reader import Shard
-from ..model.tasks import needs_soft_labels
 from .checkpointing import DiskFull, Start, resume_from, save_run
 from .config import ExperimentConfig, load_config
 from .distributed import init_distributed
@@ -35,7 +34,7 @@ from .engine import build_model, is_rank0, start_engine
 from .evaluate import Evaluation
 from .feed import DataFeed, data_metrics, stop_on_faults
 from .scheduler import Stream, TaskScheduler
-from .sources import job_sources
+from .sources import check_against_model, job_sources
 from .step import LogWindow, train_step
 from .tracking import Progress, Tracker, keep_steps_up_to, track_run
 
@@ -96,7 +95,7 @@ def run(config: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
             if config.checkpoint.at_end or config.export_at_end:
                 checkpoint = save_run(engine, config, scheduler, feed, last_step)
             if config.export_at_end and rank == 0:
-                export = export_weights(checkpoint, run_dir, tracker)
+                export = export_weights(checkpoint, run_dir, tracker, train_shards)
         elif rank == 0:
             logger.info("nothing to train: the run is already at step %d", start.step)
         dist.barrier()
@@ -141,18 +140,18 @@ def datasets_for(config: ExperimentConfig, model: torch.nn.Module) -> tuple[dict
     """Each training dataset's shards and the held-out set's, as resolved once at the job's start
     (sources.py), checked against the model before any step."""
     resolved = job_sources(config)
-    for dataset in config.data.train:
-        check_compatible(resolved.train[dataset.name][0].manifest, source=dataset.name, img_dim=model.config.img_dim,
-                         img_pos_dim=model.config.img_pos_dim, img_label_dim=model.config.img_label_dim,
-                         vocab_size=model.config.vocab_size, need_soft_labels=needs_soft_labels(dataset.tasks))
+    check_against_model(config, resolved, model.config)
     return resolved.train, resolved.val
 
 
-def export_weights(checkpoint: Path, run_dir: Path, tracker: Tracker) -> Path:
-    """The same path as `uniter-ds export`: consolidated fp32 weights, verified by reloading."""
+def export_weights(checkpoint: Path, run_dir: Path, tracker: Tracker, train_shards: dict[str, list[Shard]]) -> Path:
+    """The same path as `uniter-ds export`: consolidated fp32 weights, verified by reloading (with the
+    tokenizer of the training data as the job resolved it)."""
     from ..export import export
 
-    exported = Path(export(checkpoint, run_dir / "export", heads=True, overwrite=True)["out"])
+    training_data = [(shards[0].origin, shards[0].manifest) for shards in train_shards.values()]
+    exported = Path(export(checkpoint, run_dir / "export", heads=True, overwrite=True,
+                           training_data=training_data)["out"])
     tracker.log_artifacts(exported, "export")
     return exported
 

@@ -14,11 +14,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
-from ..data import DataError, resolve_sources
+from ..data import DataError, check_compatible, resolve_sources
 from ..data.reader import Shard, shards_from_json, shards_to_json
+from ..model.tasks import needs_soft_labels
 from .config import ExperimentConfig
 
 JOB_SOURCES_ENV = "UNITER_DS_JOB_SOURCES"
@@ -28,6 +30,25 @@ JOB_SOURCES_ENV = "UNITER_DS_JOB_SOURCES"
 class JobSources:
     train: dict[str, list[Shard]]  # training dataset name -> its shards
     val: list[Shard]  # the held-out set's shards (empty without one)
+
+
+def dataset_keys(config: ExperimentConfig) -> list[tuple[str, str | None, list[str], dict[str, float]]]:
+    """(config key, training dataset name or None for the held-out set, paths, tasks) of each dataset."""
+    keys = [(f"data.train.{i}.paths", d.name, d.paths, d.tasks) for i, d in enumerate(config.data.train)]
+    return keys + ([("data.val", None, config.data.val, {})] if config.data.val else [])
+
+
+def check_against_model(config: ExperimentConfig, sources: JobSources, model_config: Any) -> None:
+    """Refuse data that does not fit the model (feature sizes, vocabulary, soft labels for MRC), naming the
+    dataset's config key: before any rank starts (the launcher) and at each rank's start."""
+    for key, name, _, tasks in dataset_keys(config):
+        shards = sources.val if name is None else sources.train[name]
+        try:
+            check_compatible(shards[0].manifest, source=str(shards[0].origin), img_dim=model_config.img_dim,
+                             img_pos_dim=model_config.img_pos_dim, img_label_dim=model_config.img_label_dim,
+                             vocab_size=model_config.vocab_size, need_soft_labels=needs_soft_labels(tasks))
+        except DataError as error:
+            raise DataError(f"config key '{key}': {error}") from None
 
 
 def listed_sources(config: ExperimentConfig) -> dict:
