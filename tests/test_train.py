@@ -147,6 +147,35 @@ def test_two_ranks_match_one_rank_on_the_same_global_batches(tmp_path):
     assert _max_weight_diff(one["weights"], alone["weights"]) > 1e-3
 
 
+SHARED_MEMORY_PROBE = """
+import json, sys
+from pathlib import Path
+import torch, deepspeed.comm
+from uniter_ds.train.distributed import init_distributed
+rank, world, _ = init_distributed()
+mapped = [line.split(maxsplit=5)[-1].strip() for line in Path("/proc/self/maps").read_text().splitlines()
+          if "deepspeed_allreduce_buffer" in line]
+total = torch.full((4,), float(rank + 1))
+deepspeed.comm.inference_all_reduce(total)  # DeepSpeed's shared-memory all-reduce, after the unlink
+Path(sys.argv[-1] + str(rank)).write_text(json.dumps({"mapped": sorted(set(mapped)), "total": total.tolist()}))
+"""
+
+
+def test_a_job_leaves_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU all-reduce maps a 64 MiB /dev/shm file per rank and never unlinks it: the ranks unlink
+    their own once all are mapped, so jobs do not fill RAM-backed /dev/shm, and the all-reduce still works."""
+    port = free_port()
+    (tmp_path / "probe.py").write_text(SHARED_MEMORY_PROBE)
+    run_launcher(["--num_gpus", "2", "--master_port", str(port), str(tmp_path / "probe.py"), str(tmp_path / "rank")])
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}").read_text())
+        assert seen["total"] == [3.0] * 4
+        # Both ranks' files were mapped (DeepSpeed used them), and both were unlinked while mapped.
+        assert [name.split("_")[-1].split()[0] for name in seen["mapped"]] == ["0", "1"], seen["mapped"]
+        assert all(name.endswith("(deleted)") and f"_{port}_" in name for name in seen["mapped"]), seen["mapped"]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 # ---------------------------------------------------------------------------------------------
 # The pretraining entry point on real shards
 # ---------------------------------------------------------------------------------------------

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import deepspeed
 import torch
-import torch.distributed as dist
 
 from tests.helpers import collate, random_sample
 from uniter_ds.train.config import load_config
+from uniter_ds.train.distributed import init_distributed
 from uniter_ds.train.engine import build_model, deepspeed_config, param_groups
-from uniter_ds.train.step import new_window, reduce_window, train_step
 from uniter_ds.train.scheduler import Stream
+from uniter_ds.train.step import new_window, reduce_window, train_step
 
 GLOBAL_MICRO = 2
 TASKS = ["mlm", "itm", "mrfr", "mrc-kl", "mlm", "itm"]
@@ -62,13 +63,12 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     config = load_config(args.config)
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, _ = init_distributed()  # the ranks' own start (gloo on CPU ranks)
     results = {"all": train(config, rank, world, GLOBAL_MICRO // world)}
     if args.also_rank0_data_alone:
         results["rank0-alone"] = train(config, rank, world, 1)
     if rank == 0:
-        json.dump(results, open(args.out, "w"))
+        Path(args.out).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -91,4 +92,24 @@ def init_distributed() -> tuple[int, int, torch.device]:
                                f"{os.environ.get('MASTER_PORT')} (a rank or node that did not start, or another "
                                f"MASTER_ADDR/port on it)"):
             deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        if device.type == "cpu":
+            unlink_shared_memory_buffer()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def shared_memory_buffer(rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce creates for ``rank`` of the job at MASTER_ADDR:PORT
+    (ops/csrc/cpu/comm/shm.cpp names it so when all ranks share one node)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def unlink_shared_memory_buffer() -> None:
+    """DeepSpeed's CPU all-reduce maps one 64 MiB file per rank in /dev/shm and never unlinks it, so every
+    job left world x 64 MiB of RAM behind, under a new name per port: a test suite taking a free port per
+    launch filled a 24 GB machine and its ranks died. Once every rank has mapped its peers' files (they
+    do so inside init_distributed; the barrier waits for all), each rank unlinks its own name; the
+    mappings stay valid until the processes end."""
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    shared_memory_buffer(dist.get_rank()).unlink(missing_ok=True)
