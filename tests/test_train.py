@@ -153,6 +153,7 @@ from pathlib import Path
 import torch, deepspeed.comm
 from uniter_ds.train.distributed import init_distributed
 rank, world, _ = init_distributed()
+torch.distributed.barrier()  # every rank past its unlink
 mapped = [line.split(maxsplit=5)[-1].strip() for line in Path("/proc/self/maps").read_text().splitlines()
           if "deepspeed_allreduce_buffer" in line]
 total = torch.full((4,), float(rank + 1))
