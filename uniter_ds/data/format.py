@@ -31,6 +31,9 @@ MANIFEST_NAME = "manifest.json"
 ARRAY_FIELDS = {"feat": np.float16, "pos": np.float32, "conf": np.float16, "soft": np.float16}
 REQUIRED_MEMBERS = ("feat.npy", "pos.npy", "json")
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+# A shard name from a manifest becomes part of a local path, a URL and a ``pipe:`` shell command: only
+# characters that mean nothing to a shell or a path, and no leading dot.
+SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@-]*\.tar")
 
 
 class DataError(ValueError):
@@ -201,9 +204,42 @@ class Manifest:
         try:
             raw["tokenizer"] = TokenizerInfo(**raw["tokenizer"])
             raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
-            return cls(**raw)
+            manifest = cls(**raw)
         except (KeyError, TypeError) as error:
             raise DataError(f"{path}: malformed manifest ({error})") from error
+        problems = manifest.problems()
+        if problems:
+            raise DataError(f"{path}: malformed manifest: " + "; ".join(problems[:5])
+                            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+        return manifest
+
+    def problems(self) -> list[str]:
+        """What in this manifest a reader must not act on: a shard name that is not a plain file name (it
+        becomes part of a path, a URL and a ``pipe:`` shell command), counts and dims of the wrong type."""
+        found = []
+
+        def count(where: str, value: Any, least: int = 0) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                found.append(f"{where}: {value!r}, expected an integer >= {least}")
+
+        for where, value, least in [("img_dim", self.img_dim, 1), ("img_pos_dim", self.img_pos_dim, 1),
+                                    ("tokenizer.vocab_size", self.tokenizer.vocab_size, 1)]:
+            count(where, value, least)
+        if self.img_label_dim is not None:
+            count("img_label_dim", self.img_label_dim, 2)
+        if not isinstance(self.shards, list):
+            return found + [f"shards: expected a list, got {type(self.shards).__name__}"]
+        seen = set()
+        for i, shard in enumerate(self.shards):
+            if not isinstance(shard.name, str) or not SHARD_NAME.fullmatch(shard.name):
+                found.append(f"shards[{i}].name {shard.name!r}: expected a plain file name ending in .tar (letters, "
+                             f"digits and . _ - + = , @; no path, no spaces or shell characters)")
+            elif shard.name in seen:
+                found.append(f"shards[{i}].name {shard.name!r}: listed twice")
+            seen.add(shard.name)
+            for name in ("images", "pairs", "bytes"):
+                count(f"shards[{i}].{name}", getattr(shard, name))
+        return found
 
     def save(self, folder: str | Path) -> None:
         """Write through a temporary file and rename: a reader never sees half a manifest."""

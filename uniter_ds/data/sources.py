@@ -14,6 +14,7 @@ empty stream; opening is retried with backoff on connection errors and 5xx answe
 from __future__ import annotations
 
 import re
+import shlex
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +23,7 @@ from typing import IO
 
 import braceexpand
 
-from .format import MANIFEST_NAME, DataError
+from .format import MANIFEST_NAME, SHARD_NAME, DataError
 
 _REMOTE = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]+://|pipe:)")
 _TAR_NAME = re.compile(r"[^\s/'\"]+\.tar\b")
@@ -63,7 +64,11 @@ def manifest_location(url: str) -> str:
 
 
 def shard_location(folder_url: str, name: str) -> str:
-    return folder_url.rstrip("/") + "/" + name
+    """A shard of a folder URL. ``name`` comes from a manifest (others' data) and is a plain file name
+    (Manifest.problems); in a ``pipe:`` command it is also shell-quoted, whatever it holds."""
+    if not SHARD_NAME.fullmatch(name):
+        raise DataError(f"{folder_url}: shard name {name!r} is not a plain .tar file name")
+    return folder_url.rstrip("/") + "/" + (shlex.quote(name) if folder_url.startswith("pipe:") else name)
 
 
 def open_stream(url: str, *, retries: int = OPEN_RETRIES, backoff_s: float = OPEN_BACKOFF_S,
