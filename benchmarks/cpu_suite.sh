@@ -6,7 +6,7 @@ out=${1:-benchmarks/results}
 data=${BENCH_DATA_DIR:-/tmp/uniter-ds-bench}
 mkdir -p "$out"
 # bf16 where this CPU computes it natively (AVX512-BF16, AMX), else fp32 (emulated bf16 is ~25x slower).
-precision=${PRECISION:-$(python -c "from uniter_ds.bench.train import default_precision; print(default_precision(False))")}
+precision=${PRECISION:-$(python -c "from uniter_ds.bench.throughput import default_precision; print(default_precision(False))")}
 echo "precision: $precision"
 # Ours vs the baseline on the base preset, a token-budget sweep, with a profile.
 uniter-ds bench compare --preset base --precision $precision --zero 0 --token-budget 512 1024 2048 --batches 2 \

@@ -39,7 +39,7 @@ def main() -> int:
 
     from uniter_ds.bench.samples import collate, random_sample
     from uniter_ds.bench.syncs import recorded_syncs
-    from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
+    from uniter_ds.bench.throughput import BenchSettings, bench_deepspeed_config
     from uniter_ds.model import UniterConfig, UniterForPretraining
     from uniter_ds.train.distributed import init_distributed
     from uniter_ds.train.engine import param_groups

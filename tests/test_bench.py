@@ -239,7 +239,7 @@ RECORDED_KINDS = {
 
 
 def test_gpu_profile_classifier_on_recorded_kernel_rows():
-    from uniter_ds.bench.train import classify, is_annotation, summarize_profile
+    from uniter_ds.bench.throughput import classify, is_annotation, summarize_profile
 
     recorded = json.loads((Path(__file__).parent / "data" / "h200_profile_rows.json").read_text())["rows"]
     for row in recorded:
@@ -257,7 +257,7 @@ def test_profile_rows_take_kernels_once():
     """On a GPU only the device rows count, and a user annotation spanning kernels is not a kernel."""
     from types import SimpleNamespace
 
-    from uniter_ds.bench.train import profile_rows
+    from uniter_ds.bench.throughput import profile_rows
 
     def event(key, device_type, us, annotation=False):
         return SimpleNamespace(key=key, device_type=f"DeviceType.{device_type}", self_device_time_total=us,
@@ -276,7 +276,7 @@ def test_profile_rows_take_kernels_once():
 def test_sweep_records_out_of_memory_and_skips_larger_budgets():
     import torch
 
-    from uniter_ds.bench.train import BenchSettings, is_out_of_memory, sweep
+    from uniter_ds.bench.throughput import BenchSettings, is_out_of_memory, sweep
 
     def measure(settings):
         if settings.token_budget >= 2000:
@@ -298,7 +298,7 @@ def test_report_survives_a_failure_after_a_measurement(tmp_path, monkeypatch):
     import torch
 
     from uniter_ds import cli
-    from uniter_ds.bench import train
+    from uniter_ds.bench import throughput
 
     def fake_ours(settings, budgets, record, *args):
         for budget in budgets:
@@ -311,9 +311,9 @@ def test_report_survives_a_failure_after_a_measurement(tmp_path, monkeypatch):
         record(budgets[0], {"status": "out of memory", "error": "CUDA out of memory"})
         raise RuntimeError("the baseline crashed")
 
-    monkeypatch.setattr(train, "bench_ours", fake_ours)
-    monkeypatch.setattr(train, "bench_baseline", crashing_baseline)
-    monkeypatch.setattr(train, "device_peak", lambda device, precision: (2.0, "fake peak"))
+    monkeypatch.setattr(throughput, "bench_ours", fake_ours)
+    monkeypatch.setattr(throughput, "bench_baseline", crashing_baseline)
+    monkeypatch.setattr(throughput, "device_peak", lambda device, precision: (2.0, "fake peak"))
     monkeypatch.setattr("uniter_ds.train.distributed.init_distributed", lambda: (0, 1, torch.device("cpu")))
     out = tmp_path / "report.json"
     with pytest.raises(RuntimeError, match="the baseline crashed"):
@@ -332,7 +332,7 @@ def test_environment_without_a_git_binary(tmp_path, monkeypatch):
 
     import torch
 
-    from uniter_ds.bench.train import environment, git_commit
+    from uniter_ds.bench.throughput import environment, git_commit
 
     if shutil.which("git") is None:
         pytest.skip("the reference value needs git")  # CI and development machines have it
@@ -347,7 +347,7 @@ def test_environment_without_a_git_binary(tmp_path, monkeypatch):
 
 
 def test_precision_follows_what_the_cpu_does_natively():
-    from uniter_ds.bench.train import cpu_native_bf16, default_precision
+    from uniter_ds.bench.throughput import cpu_native_bf16, default_precision
 
     assert default_precision(on_gpu=True, flags=set()) == "bf16"
     assert default_precision(on_gpu=False, flags={"avx2", "fma"}) == "fp32"
@@ -419,12 +419,12 @@ def test_the_default_token_budget_keeps_a_gpu_busy(device, preset, budget, tmp_p
     import torch
 
     from uniter_ds import cli
-    from uniter_ds.bench import train
+    from uniter_ds.bench import throughput
 
     measured = []
-    monkeypatch.setattr(train, "bench_ours", lambda settings, budgets, record, *args: measured.extend(budgets))
-    monkeypatch.setattr(train, "device_peak", lambda device, precision: (2.0, "fake peak"))
-    monkeypatch.setattr(train, "environment", lambda device: {"device": device.type})
+    monkeypatch.setattr(throughput, "bench_ours", lambda settings, budgets, record, *args: measured.extend(budgets))
+    monkeypatch.setattr(throughput, "device_peak", lambda device, precision: (2.0, "fake peak"))
+    monkeypatch.setattr(throughput, "environment", lambda device: {"device": device.type})
     monkeypatch.setattr("uniter_ds.train.distributed.init_distributed", lambda: (0, 1, torch.device(device)))
     cli.main(["bench", "train", "--preset", preset, "--out", str(tmp_path / "report.json")])
     assert measured == [budget]

@@ -18,7 +18,7 @@ from uniter_ds.data import (
     LoaderStats,
     Manifest,
     ReaderStats,
-    TaskStream,
+    StreamDataset,
     TaskTransform,
     TokenizerInfo,
     budget_batches,
@@ -103,7 +103,7 @@ def test_writer_validates_and_an_interrupted_write_leaves_no_dataset(tmp_path):
 
 def test_manifest_refuses_a_model_or_tokenizer_that_does_not_match(tmp_path):
     synth_dataset(tmp_path / "s", images=6, img_dim=32, img_label_dim=17, num_classes=8, max_regions=12)
-    stream = TaskStream([tmp_path / "s"], "mrc", LoaderConfig())
+    stream = StreamDataset([tmp_path / "s"], "mrc", LoaderConfig())
     stream.check_model(img_dim=32, img_label_dim=17, vocab_size=512)
     with pytest.raises(DataError, match="img_dim: data has 32-d features, the model expects 2048"):
         stream.check_model(img_dim=2048, img_label_dim=17, vocab_size=512)
@@ -111,7 +111,7 @@ def test_manifest_refuses_a_model_or_tokenizer_that_does_not_match(tmp_path):
         stream.check_model(img_dim=32, img_label_dim=17, vocab_size=20)
     synth_dataset(tmp_path / "nosoft", images=4, img_dim=32, img_label_dim=None, num_classes=8, max_regions=12)
     with pytest.raises(DataError, match="no detector soft labels, which MRC / MRC-kl need"):
-        TaskStream([tmp_path / "nosoft"], "mrc-kl", LoaderConfig()).check_model(img_dim=32, img_label_dim=17,
+        StreamDataset([tmp_path / "nosoft"], "mrc-kl", LoaderConfig()).check_model(img_dim=32, img_label_dim=17,
                                                                                 vocab_size=512)
     synth_dataset(tmp_path / "other", images=4, img_dim=32, img_label_dim=17, num_classes=12, max_regions=12)
     with pytest.raises(DataError, match="tokenizer"):
@@ -318,7 +318,7 @@ def test_batches_feed_the_model(corpus):
     model_config = UniterConfig.from_preset("tiny", img_dim=16, img_label_dim=41, vocab_size=128)
     model = UniterForPretraining(model_config)
     for task in ("mlm", "mrfr", "mrc", "mrc-kl", "itm"):
-        stream = TaskStream([corpus], task, config)
+        stream = StreamDataset([corpus], task, config)
         stream.check_model(img_dim=16, img_label_dim=41, vocab_size=128)
         batch = next(iter(stream))
         out = model(batch, task)
@@ -338,10 +338,10 @@ def test_truncated_shard_raises_or_is_skipped_and_counted(corpus, tmp_path):
     victim = folder / manifest.shards[2].name
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
-    stream = TaskStream([folder], "mlm", LoaderConfig(num_workers=0, on_error="raise", split="exact"))
+    stream = StreamDataset([folder], "mlm", LoaderConfig(num_workers=0, on_error="raise", split="exact"))
     with pytest.raises(DataError, match=rf"{victim.name}: \d+ bytes on disk, the manifest says {len(data)} bytes"):
         list(stream)
-    stream = TaskStream([folder], "mlm", LoaderConfig(num_workers=0, on_error="skip", split="exact",
+    stream = StreamDataset([folder], "mlm", LoaderConfig(num_workers=0, on_error="skip", split="exact",
                                                       max_text_len=None))
     stats = LoaderStats()
     pairs = sum(b.batch_size for b in stream if stats.update(b) is None)

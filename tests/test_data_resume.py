@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from uniter_ds.data import DataError, LoaderConfig, LoaderStats, TaskStream, build_loader, synth_dataset
+from uniter_ds.data import DataError, LoaderConfig, LoaderStats, StreamDataset, build_loader, synth_dataset
 from uniter_ds.data import reader as reader_module
 
 
@@ -46,10 +46,10 @@ def _run(stream_or_loader, limit: int | None, stats: LoaderStats | None = None) 
 def test_a_restored_stream_continues_with_the_uninterrupted_batches(corpus, task, split):
     config = LoaderConfig(num_workers=0, split=split, **SMALL)
     limit = None if split == "exact" else 70
-    reference, states = _run(TaskStream([corpus], task, config, rank=1, world_size=2), limit, LoaderStats())
+    reference, states = _run(StreamDataset([corpus], task, config, rank=1, world_size=2), limit, LoaderStats())
     assert len(reference) > 15
     for taken in [1, 2, 5, 11, 17, len(reference) - 2, len(reference) - 1]:
-        resumed, _ = _run(TaskStream([corpus], task, config, rank=1, world_size=2, resume=states[taken - 1]),
+        resumed, _ = _run(StreamDataset([corpus], task, config, rank=1, world_size=2, resume=states[taken - 1]),
                           None if limit is None else limit - taken)
         assert resumed == reference[taken:], f"resumed after batch {taken}"
 
@@ -59,10 +59,10 @@ def test_a_restored_row_filling_stream_continues_with_the_uninterrupted_batches(
     """The packed layout's batcher: the samples' rows travel in the saved places too."""
     config = LoaderConfig(num_workers=0, split=split, batching="rows", layout="packed", pack_row_len=100, **SMALL)
     limit = None if split == "exact" else 60
-    reference, states = _run(TaskStream([corpus], "mlm", config), limit, LoaderStats())
+    reference, states = _run(StreamDataset([corpus], "mlm", config), limit, LoaderStats())
     assert len(reference) > 15
     for taken in [1, 4, 13, len(reference) - 1]:
-        resumed, _ = _run(TaskStream([corpus], "mlm", config, resume=states[taken - 1]),
+        resumed, _ = _run(StreamDataset([corpus], "mlm", config, resume=states[taken - 1]),
                           None if limit is None else limit - taken)
         assert resumed == reference[taken:], f"resumed after batch {taken}"
 
@@ -81,14 +81,14 @@ def test_resuming_reads_what_the_workers_held_not_the_batches_taken(corpus, monk
     monkeypatch.setattr(reader_module, "_decode", counting)
     stats = LoaderStats()
     states, read_by = [], []
-    for batch in itertools.islice(TaskStream([corpus], "mlm", config), 121):
+    for batch in itertools.islice(StreamDataset([corpus], "mlm", config), 121):
         stats.update(batch)
         states.append(copy.deepcopy(stats.resume_state()))
         read_by.append(decoded[0])
     cost = {}
     for taken in (10, 120):
         decoded[0] = 0
-        next(iter(TaskStream([corpus], "mlm", config, resume=states[taken - 1])))
+        next(iter(StreamDataset([corpus], "mlm", config, resume=states[taken - 1])))
         cost[taken] = decoded[0]
     assert cost[120] <= 2 * cost[10], cost
     assert cost[120] * 5 < read_by[119], (cost, read_by[119])
@@ -115,21 +115,21 @@ def test_two_loader_workers_resume_in_turn_across_the_end_of_an_epoch(corpus):
 def test_the_workers_run_out_unevenly_in_that_epoch(corpus):
     """The previous test covers the uneven end only if the two workers' batch counts differ."""
     config = LoaderConfig(num_workers=0, split="exact", **SMALL)
-    counts = [sum(1 for _ in TaskStream([corpus], "mrfr", config, rank=r, world_size=2, epoch=2)) for r in (0, 1)]
+    counts = [sum(1 for _ in StreamDataset([corpus], "mrfr", config, rank=r, world_size=2, epoch=2)) for r in (0, 1)]
     assert counts[0] != counts[1], counts
 
 
 def test_a_saved_place_in_a_shard_the_dataset_no_longer_lists_is_named(corpus, tmp_path):
     config = LoaderConfig(num_workers=0, split="resampled", **SMALL)
     stats = LoaderStats()
-    _run(TaskStream([corpus], "mlm", config), 5, stats)
+    _run(StreamDataset([corpus], "mlm", config), 5, stats)
     state = stats.resume_state()
     snapshot = state["workers"][0]["snapshot"]
     location = snapshot["images"][0][0]
     snapshot["images"] = [(str(tmp_path / "gone.tar"), *ref[1:]) if ref[0] == location else ref
                           for ref in snapshot["images"]]
     with pytest.raises(DataError, match="gone.tar.*no longer lists"):
-        next(iter(TaskStream([corpus], "mlm", config, resume=state)))
+        next(iter(StreamDataset([corpus], "mlm", config, resume=state)))
 
 
 def test_the_training_feed_resumes_exactly_and_refuses_a_changed_data_setup(corpus, tmp_path, caplog):
@@ -172,7 +172,7 @@ def test_the_training_feed_resumes_exactly_and_refuses_a_changed_data_setup(corp
 
 def test_a_consumer_that_skipped_batches_counts_but_cannot_give_a_resume_state(corpus):
     config = LoaderConfig(num_workers=0, split="resampled", **SMALL)
-    stream = iter(TaskStream([corpus], "mlm", config))
+    stream = iter(StreamDataset([corpus], "mlm", config))
     next(stream)  # the first batch carries the snapshot: a warm-up that skips it
     stats = LoaderStats()
     stats.update(next(stream))

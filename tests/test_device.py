@@ -78,7 +78,7 @@ class Sentinel(Exception):
 def test_entry_points_place_the_rank_before_building_anything(monkeypatch):
     """Pretraining (and with it evaluation, which runs on the device the run chose) and both bench
     systems call init_distributed first: nothing is built before the device is selected."""
-    from uniter_ds.bench import train as bench
+    from uniter_ds.bench import throughput as bench
     from uniter_ds.train import pretrain
 
     built = []

@@ -56,7 +56,7 @@ def device() -> torch.device:
 def engine_for(model: torch.nn.Module, zero: int, precision: str, accumulation: int = 1, **zero_options):
     import deepspeed
 
-    from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
+    from uniter_ds.bench.throughput import BenchSettings, bench_deepspeed_config
     from uniter_ds.train.engine import param_groups
 
     ds_config, _ = bench_deepspeed_config(BenchSettings(zero_stage=zero, precision=precision,

@@ -175,7 +175,7 @@ def test_a_zero3_engine_replaces_torch_linear_unless_told_not_to(tmp_path, optio
 
 
 def test_deepspeed_configs_that_would_compile_wrong_are_refused(monkeypatch):
-    from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
+    from uniter_ds.bench.throughput import BenchSettings, bench_deepspeed_config
     from uniter_ds.model import acceleration
 
     monkeypatch.setattr(acceleration, "torch_version", lambda: acceleration.TORCH_WITH_INPLACE_FUNCTION_BUG)

@@ -58,7 +58,7 @@ CONFIG_SETTINGS = {
 
 
 def test_the_config_and_the_bench_ask_the_same_rules(tmp_path):
-    from uniter_ds.bench.train import BenchSettings
+    from uniter_ds.bench.throughput import BenchSettings
     from uniter_ds.train.config import ConfigError, load_config
 
     base = {"data": {"train": [{"name": "d", "paths": ["x"], "tasks": {"mlm": 1}}]}}

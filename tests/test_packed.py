@@ -173,13 +173,13 @@ def test_the_loader_packs_the_same_samples_into_rows_of_the_given_length(tmp_pat
     """The same samples, masks and tokens as the padded layout, in [rows, pack_row_len]. (Not fewer padded
     tokens: the budget batcher groups samples of similar length, which pads 1-5% in the compact layout,
     and such groups fill fixed-length rows worse; filling rows from mixed lengths is the batcher's job.)"""
-    from uniter_ds.data import LoaderConfig, TaskStream, synth_dataset
+    from uniter_ds.data import LoaderConfig, StreamDataset, synth_dataset
 
     synth_dataset(tmp_path / "data", images=60, seed=0, img_dim=16, img_label_dim=41, min_regions=5, max_regions=60,
                   max_shard_bytes=40_000)
     seen = {}
     for row_len in (None, 96):
-        stream = TaskStream([tmp_path / "data"], "mrc", LoaderConfig(num_workers=0, token_budget=1200,
+        stream = StreamDataset([tmp_path / "data"], "mrc", LoaderConfig(num_workers=0, token_budget=1200,
                                                                      shuffle_buffer=20, pack_row_len=row_len or 256,
                                                                      layout="packed" if row_len else "padded"))
         batches = [b for _, b in zip(range(6), stream)]
@@ -209,15 +209,15 @@ def test_best_fit_rows_packs_tightly_and_keeps_every_sample():
 
 
 def test_the_row_filling_batcher_sends_full_rows_of_one_shape_and_every_sample_once(tmp_path):
-    from uniter_ds.data import DataError, LoaderConfig, TaskStream, synth_dataset
+    from uniter_ds.data import DataError, LoaderConfig, StreamDataset, synth_dataset
 
     synth_dataset(tmp_path / "data", images=150, seed=1, img_dim=16, img_label_dim=41, min_regions=5, max_regions=60,
                   max_shard_bytes=40_000)
     common = {"num_workers": 0, "token_budget": 960, "shuffle_buffer": 20, "pool_budgets": 4, "min_pool_tokens": 4000,
               "split": "exact"}
-    budget = list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common)))
+    budget = list(StreamDataset([tmp_path / "data"], "mrc", LoaderConfig(**common)))
     packed = {"layout": "packed", "batching": "rows"}
-    rows = list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common, **packed, pack_row_len=96)))
+    rows = list(StreamDataset([tmp_path / "data"], "mrc", LoaderConfig(**common, **packed, pack_row_len=96)))
     pairs = sorted(pair for batch in budget for pair in batch.meta["pairs"])
     assert sorted(pair for batch in rows for pair in batch.meta["pairs"]) == pairs  # the epoch, each pair once
     for batch in rows:
@@ -229,7 +229,7 @@ def test_the_row_filling_batcher_sends_full_rows_of_one_shape_and_every_sample_o
     padding = 1 - sum(b.real_tokens() for b in rows[:-1]) / sum(b.padded_tokens() for b in rows[:-1])
     assert padding < 0.05, padding
     with pytest.raises(DataError, match=r"more than a packed row holds: raise data.pack_row_len \(40\)"):
-        list(TaskStream([tmp_path / "data"], "mrc", LoaderConfig(**common, **packed, pack_row_len=40)))
+        list(StreamDataset([tmp_path / "data"], "mrc", LoaderConfig(**common, **packed, pack_row_len=40)))
     with pytest.raises(ValueError, match="batching"):
         LoaderConfig(batching="rows")  # rows of what length
 
@@ -304,7 +304,7 @@ def test_graphed_layers_accumulate_and_step_as_the_eager_ones(tiny_config, graph
 
 GRAPHED_ENGINE = """
 import copy, json, sys, torch, deepspeed
-from uniter_ds.bench.train import BenchSettings, bench_deepspeed_config
+from uniter_ds.bench.throughput import BenchSettings, bench_deepspeed_config
 from uniter_ds.model import TASKS, UniterConfig, UniterForPretraining
 from uniter_ds.model.acceleration import CudaGraphedLayers, use_cuda_graphs
 from uniter_ds.model.inputs import pack

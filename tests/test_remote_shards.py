@@ -200,14 +200,14 @@ def test_a_remote_dataset_is_an_mlflow_input_with_its_manifest(served, tmp_path)
 def test_a_stream_over_http_resumes_exactly(served, monkeypatch):
     """Restoring a worker re-reads the images it held from their shards' URLs, one pass per shard (a
     stream cannot seek), and continues with the uninterrupted stream's batches."""
-    from uniter_ds.data import LoaderConfig, LoaderStats, TaskStream
+    from uniter_ds.data import LoaderConfig, LoaderStats, StreamDataset
 
     monkeypatch.delenv(remote.CACHE_ENV, raising=False)
     root, base = served
     config = LoaderConfig(num_workers=0, split="resampled", token_budget=120, pool_budgets=2, min_pool_tokens=400,
                           shuffle_buffer=10, seed=2)
     stats, states, reference = LoaderStats(), [], []
-    for batch in TaskStream([f"{base}/ds/"], "mrc", config):
+    for batch in StreamDataset([f"{base}/ds/"], "mrc", config):
         stats.update(batch)
         states.append(stats.resume_state())
         reference.append((batch.meta["pairs"], batch.img_feat.tolist(), batch.img_masks.tolist()))
@@ -215,6 +215,6 @@ def test_a_stream_over_http_resumes_exactly(served, monkeypatch):
             break
     for taken in (3, 25):
         resumed = [(b.meta["pairs"], b.img_feat.tolist(), b.img_masks.tolist())
-                   for b in itertools.islice(TaskStream([f"{base}/ds/"], "mrc", config, resume=states[taken - 1]),
+                   for b in itertools.islice(StreamDataset([f"{base}/ds/"], "mrc", config, resume=states[taken - 1]),
                                              40 - taken)]
         assert resumed == reference[taken:]

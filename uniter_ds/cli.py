@@ -110,9 +110,9 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .train.launch import run
+    from .train.launch import launch_job
 
-    return run(args)
+    return launch_job(args)
 
 
 def _prebuild(args: argparse.Namespace) -> int:

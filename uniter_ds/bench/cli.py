@@ -23,7 +23,7 @@ LAUNCHER_OPTIONS = ("--num-gpus", "--num-nodes", "--hostfile", "--master-port")
 
 
 def _settings(args: argparse.Namespace, token_budget: int) -> Any:
-    from .train import BenchSettings
+    from .throughput import BenchSettings
 
     return BenchSettings(
         preset=args.preset, precision=args.precision, zero_stage=args.zero, token_budget=token_budget,
@@ -55,7 +55,7 @@ def _relaunch(args: argparse.Namespace) -> int:
     import torch
 
     from ..train.launch import launcher_options
-    from .train import dataset_folder, default_token_budget
+    from .throughput import dataset_folder, default_token_budget
 
     budgets = args.token_budget or [default_token_budget(args.preset, torch.cuda.is_available())]
     for budget in budgets:  # write the synthetic shards once, before the ranks start
@@ -110,7 +110,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from ..model.options import ModelOptions, option_problems
     from ..train.distributed import init_distributed
-    from .train import (
+    from .throughput import (
         OPTION_FLAGS,
         bench_baseline,
         bench_ours,
@@ -188,7 +188,7 @@ def _memory(args: argparse.Namespace) -> int:
     import torch
 
     from .memory import memory_report, search_largest, subprocess_probe
-    from .train import default_precision
+    from .throughput import default_precision
 
     on_gpu = torch.cuda.is_available()
     if args.precision is None:
@@ -208,7 +208,7 @@ def _memory(args: argparse.Namespace) -> int:
     probe = subprocess_probe(train_args, limit, on_gpu, workdir=workdir)
     largest, probes = search_largest(probe, args.start, args.max_budget, args.resolution)
     what = "device peak allocation" if on_gpu else "host peak RSS of the benchmark process"
-    from .train import environment
+    from .throughput import environment
 
     device = torch.device("cuda" if on_gpu else "cpu")
     report = {"command": "uniter-ds bench " + " ".join(args.argv), "environment": environment(device),

@@ -11,7 +11,7 @@ _HOMES = {
     "batching": ["TaskSample", "TaskTransform", "budget_batches", "collate", "mask_regions", "mask_text"],
     "format": ["DataError", "Manifest", "TokenizerInfo", "check_compatible", "positions_from_boxes",
                "positions_from_norm_bb"],
-    "loader": ["LoaderStats", "TaskStream", "build_loader"],
+    "loader": ["LoaderStats", "StreamDataset", "build_loader"],
     "loader_config": ["LoaderConfig", "LoaderSettings"],
     "reader": ["ImageRecord", "Pair", "ReaderStats", "read_shard", "resolve_sources"],
     "synth": ["synth_dataset"],

@@ -7,6 +7,7 @@ training process only receives finished batches (pinned when a GPU is present).
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .pipeline import WorkerPipeline
 from .reader import ERROR_KINDS, resolve_sources
 
 
-class TaskStream(IterableDataset):
+class StreamDataset(IterableDataset):
     """An endless (``resampled``) or one-epoch (``exact``) stream of batches for one task on one rank.
 
     Each batch's ``meta["resume"]`` is its worker's place after it (pipeline.py); ``resume`` continues
@@ -120,7 +121,7 @@ class LoaderStats:
         self.next_worker = (worker + 1) % self.num_workers
 
     def resume_state(self) -> dict:
-        """``TaskStream(resume=...)`` continues after the batches taken so far."""
+        """``StreamDataset(resume=...)`` continues after the batches taken so far."""
         missed = {w: p["missed_snapshot"] for w, p in self.places.items() if "missed_snapshot" in p}
         if missed:
             raise RuntimeError(f"loader workers {sorted(missed)}: batches carrying their snapshots {missed} did not "
@@ -179,4 +180,4 @@ def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig,
     )
 
 
-__all__ = ["ATTRITION", "DataError", "LoaderConfig", "LoaderStats", "TaskStream", "build_loader"]
+__all__ = ["ATTRITION", "DataError", "LoaderConfig", "LoaderStats", "StreamDataset", "build_loader"]

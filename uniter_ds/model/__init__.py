@@ -8,7 +8,7 @@ from __future__ import annotations
 from .lazy import lazy_exports
 
 _HOMES = {
-    "checkpoint": ["LoadReport", "load_bert_weights", "load_original_state_dict", "to_original_state_dict"],
+    "conversion": ["LoadReport", "load_bert_weights", "load_original_state_dict", "to_original_state_dict"],
     "config": ["PRESETS", "UniterConfig"],
     "inputs": ["IGNORE_INDEX", "UniterBatch", "build_batch"],
     "kernels": ["active_kernels"],

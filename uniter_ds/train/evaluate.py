@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data import LoaderConfig, ReaderStats, TaskStream, read_shard, resolve_sources
+from ..data import LoaderConfig, ReaderStats, StreamDataset, read_shard, resolve_sources
 from ..data.reader import pairs_of
 from ..model.inputs import UniterBatch, build_batch
 from ..model.modeling import TaskOutput
@@ -47,7 +47,7 @@ def evaluate_tasks(forward: Forward, val_paths: Sequence[str | Path], tasks: Seq
                               num_workers=0, max_text_len=max_text_len)
         loss_sum, items, correct, kl_sum = 0.0, 0, 0, 0.0
         targets: Counter[int] = Counter()
-        for batch in itertools.islice(TaskStream(val_paths, task, config), batches):
+        for batch in itertools.islice(StreamDataset(val_paths, task, config), batches):
             targets.update(_targets(batch, task))
             out = forward(batch.to(device), task)
             loss_sum += float(out.item_losses.sum())

@@ -100,7 +100,7 @@ def _unlike_manifest(shard) -> str | None:
     return f"{shard.path} ({'missing' if size is None else f'{size} bytes'}, the manifest says {shard.bytes} bytes)"
 
 
-def run(args: argparse.Namespace) -> int:
+def launch_job(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)  # raises ConfigError naming the key
     ds_path = Path(config.deepspeed_config)
     if not ds_path.exists():

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..data import LoaderConfig, TaskStream, build_loader, synth_dataset
+from ..data import LoaderConfig, StreamDataset, build_loader, synth_dataset
 from ..model import UniterConfig, UniterForPretraining
 from ..model.inputs import UniterBatch
 from ..model.kernels import active_kernels, sdpa_backend
@@ -246,7 +246,7 @@ def make_batches(config: UniterConfig, tasks: list[str], token_budget: int, coun
     folder = dataset_folder(settings, config)
     out = []
     for task in tasks:
-        stream = TaskStream([folder], task, LoaderConfig(token_budget=token_budget, split="resampled", seed=seed,
+        stream = StreamDataset([folder], task, LoaderConfig(token_budget=token_budget, split="resampled", seed=seed,
                                                          num_workers=0, max_text_len=None, batching=batching,
                                                          **packed_layout(pack_row_len)))
         iterator = iter(stream)
