@@ -415,7 +415,30 @@ def test_wrong_feature_shape_names_shard_and_sample(corpus, tmp_path):
 def test_long_captions_are_dropped_and_counted(corpus):
     config = LoaderConfig(num_workers=0, max_text_len=6, split="exact")
     stats = LoaderStats()
-    pairs = sum(b.batch_size for b in TaskStream([corpus], "itm", config) if stats.update(b) is None)
+    pairs = sum(b.batch_size for b in StreamDataset([corpus], "itm", config) if stats.update(b) is None)
     totals = stats.totals()
     assert totals["dropped_long_captions"] > 0
     assert pairs + totals["dropped_long_captions"] == Manifest.load(corpus).pairs
+
+
+def test_the_loaders_fork_server_preloads_a_main_module_of_the_package_only(monkeypatch):
+    """A loader worker re-runs the main module before it reads a shard: under the launcher that is the
+    pretraining entry point, whose imports took ~4 s per worker (every stream's first batch and every exact
+    epoch waited for them). The fork server imports it once; a user's script is never imported there."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from uniter_ds.data.loader import forkserver_preload
+
+    def main_named(name: str | None) -> types.ModuleType:
+        module = types.ModuleType("__main__")
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None) if name else None
+        return module
+
+    base = ["uniter_ds.data.loader", "uniter_ds.data.forkserver_preload"]
+    monkeypatch.setitem(sys.modules, "__main__", main_named("uniter_ds.train.pretrain"))
+    assert forkserver_preload() == base + ["uniter_ds.train.pretrain"]
+    for user_main in ("train_my_model", None):  # `python -m train_my_model`, `python script.py`
+        monkeypatch.setitem(sys.modules, "__main__", main_named(user_main))
+        assert forkserver_preload() == base

@@ -160,9 +160,25 @@ def die_with_parent(_worker_id: int = 0) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def forkserver_preload() -> list[str]:
+    """What the loaders' fork server imports once, so that each worker forked from it starts at once.
+
+    Every worker re-runs the process's main module first (multiprocessing's ``prepare``): under the
+    launcher that is ``uniter_ds.train.pretrain``, whose imports (DeepSpeed, transformers, MLflow) took
+    ~4 s per worker on the 2-core machine, paid again by every stream's first batch and every exact
+    epoch's new loader while the training step waited. Preloaded here, a worker's re-run finds them
+    imported. Only a main module of this package is preloaded: they import without side effects, a
+    user's script may not."""
+    preload = ["uniter_ds.data.loader", "uniter_ds.data.forkserver_preload"]
+    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    if main and main.startswith("uniter_ds.") and main not in preload:
+        preload.append(main)
+    return preload
+
+
 def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig, *, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, resume: dict | None = None) -> DataLoader:
-    dataset = TaskStream(sources, task, config, rank=rank, world_size=world_size, epoch=epoch, resume=resume)
+    dataset = StreamDataset(sources, task, config, rank=rank, world_size=world_size, epoch=epoch, resume=resume)
     # Its own generator: starting the workers must not draw from the global torch RNG, or when a
     # loader is opened would change the training run's dropout masks (and break exact resume).
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank * 31 + TASKS.index(task))
@@ -171,7 +187,7 @@ def build_loader(sources: Sequence[str | Path], task: str, config: LoaderConfig,
         # Workers come from a fork server, not from forking the training process: that process runs
         # threads (gloo, NCCL, MLflow) by the time a loader opens, and a fork taken while one of them
         # holds a lock deadlocks the child (seen here: a worker stuck inside fork, the job hung).
-        multiprocessing.set_forkserver_preload(["uniter_ds.data.loader", "uniter_ds.data.forkserver_preload"])
+        multiprocessing.set_forkserver_preload(forkserver_preload())
         context = multiprocessing.get_context("forkserver")
     return DataLoader(
         dataset, batch_size=None, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
