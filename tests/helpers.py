@@ -1,5 +1,5 @@
 """Tiny samples and batches for the model tests (from uniter_ds/bench/samples.py); a CPU stand-in for
-CUDA graphs; a loopback HTTP server for the data tests."""
+CUDA graphs; a loopback HTTP server for the data tests; checkpoint files that would run code."""
 
 from __future__ import annotations
 
@@ -73,3 +73,32 @@ def serve_folder(root: Path, handler: type[http.server.SimpleHTTPRequestHandler]
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _OpensAFile:
+    """Unpickled without restriction, this creates ``path``: the stand-in for any code a pickle can run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def poison_checkpoint_file(file: Path, marker: Path) -> None:
+    """Rewrite the ``.pt`` file ``file`` of a checkpoint with a payload that creates ``marker`` when the file is
+    unpickled, and record the new size in the checkpoint's ``complete.json`` as a forger would: the size
+    check passes, only the load can refuse it."""
+    import json
+
+    state = torch.load(file, map_location="cpu", weights_only=False)  # our own file, written by the test's run
+    if isinstance(state, dict):
+        state["payload"] = _OpensAFile(marker)
+    else:
+        state = {"state": state, "payload": _OpensAFile(marker)}
+    torch.save(state, file)
+    complete = file.parent / "complete.json"
+    if complete.exists():
+        record = json.loads(complete.read_text())
+        record["files"][file.name] = file.stat().st_size
+        complete.write_text(json.dumps(record))

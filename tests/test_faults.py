@@ -586,6 +586,30 @@ def test_kill_9_of_a_rank_then_resume_ends_where_the_uninterrupted_run_ends(stra
         np.testing.assert_allclose(b[key], a[key], atol=1e-5, err_msg=key)
 
 
+@pytest.mark.parametrize("file", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank1_state.pt"])
+def test_resume_from_a_checkpoint_file_that_would_run_code_refuses_it(straight_16_steps, file):
+    """``--resume`` from someone else's checkpoint: a pickled payload in a file DeepSpeed reads (an optimizer
+    shard) or in one uniter-ds reads (a rank's data state), sizes forged in complete.json, runs nothing;
+    the rank stops naming the file."""
+    from .helpers import poison_checkpoint_file
+
+    root, name = straight_16_steps, f"poisoned-{file.split('_')[0]}"
+    shutil.copytree(root / "straight", root / name)
+    marker = root / f"{name}.MARKER"
+    latest = root / name / "checkpoints" / (root / name / "checkpoints" / "latest").read_text().strip()
+    poisoned = next(latest.glob(f"*{file}"))
+    poison_checkpoint_file(poisoned, marker)
+    config = yaml.safe_load(_resume_config(root, name).read_text())
+    result = subprocess.run([deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                             "uniter_ds.train.pretrain", "--config", str(root / f"{name}.yaml"), "--resume"],
+                            cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert config["run_dir"] == str(root / name) and result.returncode != 0
+    log = result.stdout + result.stderr
+    assert f"stopped: {poisoned}: refused: it names io.open" in log, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    assert not marker.exists()
+
+
 def test_a_rank_waiting_at_start_up_says_what_for(tmp_path):
     """Rank 0 of a 2-rank job started alone waits for rank 1 at the rendezvous: it says so, naming the
     address, instead of hanging silently."""

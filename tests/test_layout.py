@@ -17,7 +17,7 @@ PACKAGE = ROOT / "uniter_ds"
 # Each floor imports only from the floors below it (and within itself).
 FLOORS = [
     {"model"},
-    {"data", "provenance", "run_layout", "plotting"},
+    {"data", "provenance", "run_layout", "checkpoint_files", "plotting"},
     {"export"},
     {"train"},
     {"analysis", "bench"},

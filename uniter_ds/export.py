@@ -1,8 +1,8 @@
 """Export trained weights for fine-tuning, and import what users already have.
 
 ``uniter-ds export CHECKPOINT --out DIR`` reads a DeepSpeed checkpoint of any ZeRO stage (shards are
-consolidated with DeepSpeed's own zero_to_fp32, on the CPU, no launcher) or a plain state dict, and
-writes ``DIR/hf`` (config.json + model.safetensors, tokenizer files, a model card) and/or ``DIR/uniter``
+consolidated on the CPU, no launcher, by checkpoint_files.py, which runs no code from the files) or a plain
+state dict, and writes ``DIR/hf`` (config.json + model.safetensors, tokenizer files, a model card) and/or ``DIR/uniter``
 (one .pt with the original UNITER names + the original-style json config). Everything is written into
 ``DIR.tmp``, reloaded and compared with the source weights on a probe batch, and only then renamed to
 ``DIR``: a failure leaves no output folder.
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from .checkpoint_files import CheckpointFileError, load_pt, zero_fp32_state
 from .model import (
     UniterConfig,
     UniterForPretraining,
@@ -77,23 +78,18 @@ def read_deepspeed_checkpoint(path: Path) -> Source:
     if not model_files:
         raise ExportError(f"{folder}: no mp_rank_00_model_states.pt: not a DeepSpeed checkpoint, or an incomplete one")
     try:
-        meta = torch.load(model_files[0], map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise ExportError(f"{model_files[0]}: cannot be read ({error})") from error
-    experiment = meta.get("config") or {}
-    if not experiment:
-        raise ExportError(f"{folder}: the checkpoint carries no experiment config (not written by uniter-ds pretrain)")
-    stage = int(meta.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-    try:
-        if stage >= 1:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-        else:
-            state = meta["module"]
-    except Exception as error:  # noqa: BLE001
-        raise ExportError(f"{folder}: cannot consolidate the ZeRO-{stage} checkpoint ({type(error).__name__}: "
-                          f"{error}); is a shard missing or damaged?") from error
+        meta = load_pt(model_files[0])
+        experiment = meta.get("config") or {}
+        if not experiment:
+            raise ExportError(f"{folder}: the checkpoint carries no experiment config (not written by uniter-ds "
+                              f"pretrain)")
+        stage = int(meta.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+        state = zero_fp32_state(folder, meta) if stage >= 1 else meta["module"]
+    except CheckpointFileError as error:
+        raise ExportError(str(error)) from None
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ExportError(f"{model_files[0]}: not a DeepSpeed model-states file written by uniter-ds pretrain "
+                          f"({type(error).__name__}: {error})") from None
     state = {k: v.float() for k, v in state.items()}
     result_file = folder.parent.parent / "result.json"
     eval_metrics = json.loads(result_file.read_text()).get("eval", {}) if result_file.exists() else {}
@@ -110,8 +106,10 @@ def read_state_dict_file(path: Path, config_file: Path | None) -> Source:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
+            state = load_pt(path)
+    except CheckpointFileError as error:
+        raise ExportError(str(error)) from None
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own kinds for a damaged file
         raise ExportError(f"{path}: cannot be read ({error})") from error
     if "module" in state and isinstance(state["module"], dict):
         state = state["module"]
@@ -285,14 +283,11 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists (pass --overwrite to replace it)")
+    _check_out(out, overwrite)
     source = read_source(checkpoint, config_file)
     full = build_from(source)
     model: torch.nn.Module = full if heads else _encoder_of(full)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _partial_folder(out, Path(source.origin))
     warnings: list[str] = [f"not the newest checkpoint: {reason}" for reason in source.passed_over]
     try:
         batch = probe_batch(source.config)
@@ -335,9 +330,7 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
             assert not report.missing and not report.unexpected
             _check(reference, _outputs(reloaded.float(), batch), tolerance, "uniter")
             written["uniter"] = str(out / "uniter" / f"{name}.pt")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
+        _replace_with(out, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -345,6 +338,49 @@ def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "both", dtype:
         logger.warning("export %s: %s", out, warning)
     return {"out": str(out), "written": written, "step": source.step, "dtype": dtype, "heads": heads,
             "warnings": warnings}
+
+
+# In OUT.tmp while an export or import writes it: the only kind of folder either ever deletes unasked.
+PARTIAL_MARKER = ".uniter-ds-partial"
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Before anything is read: an ``--out`` that is a file, or that exists without ``--overwrite``."""
+    if out.is_file():
+        raise ExportError(f"--out {out}: is a file; expected a folder to write (nothing was changed)")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists (pass --overwrite to replace it)")
+
+
+def _partial_folder(out: Path, source: Path) -> Path:
+    """``OUT.tmp``, made anew and marked as ours. Refused: an ``OUT`` (or ``OUT.tmp``) that is, contains or lies
+    inside the source (``--overwrite`` would delete what is being read), and an ``OUT.tmp`` this package did
+    not make (someone's folder, not ours to delete)."""
+    tmp = out.with_name(out.name + ".tmp")
+    read = source.resolve()
+    for target in (out, tmp):
+        where = target.resolve()
+        relation = ("is" if where == read else "contains" if read.is_relative_to(where)
+                    else "lies inside" if where.is_relative_to(read) else None)
+        if relation:
+            raise ExportError(f"--out {out}: {target} {relation} the source {source}; write the export elsewhere "
+                              f"(nothing was changed)")
+    if tmp.exists() or tmp.is_symlink():
+        if not (tmp.is_dir() and not tmp.is_symlink() and (tmp / PARTIAL_MARKER).is_file()):
+            raise ExportError(f"{tmp} exists and is not a folder an interrupted export left (no {PARTIAL_MARKER} in "
+                              f"it): move it away (nothing was changed)")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARKER).write_text(f"being written for {out}; an interrupted export or import leaves it\n")
+    return tmp
+
+
+def _replace_with(out: Path, tmp: Path) -> None:
+    """The finished ``tmp`` becomes ``out`` (an existing ``out`` is replaced: ``--overwrite`` was given)."""
+    (tmp / PARTIAL_MARKER).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
 
 
 def _encoder_of(full: UniterForPretraining) -> UniterModel:
@@ -372,24 +408,24 @@ def import_uniter(file: str | Path, config_file: str | Path, out: str | Path, *,
     """An original UNITER checkpoint (pretrained or ``*-init.pt``) -> a folder ``from_pretrained`` loads and
     ``pretrain`` can start from (``model.init_from: hf:OUT``). Every missing/unexpected key is reported."""
     file, out = Path(file), Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists (pass --overwrite to replace it)")
+    _check_out(out, overwrite)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        raise ExportError(f"{file}: cannot be read ({error})") from error
+        state = load_pt(file)
+    except CheckpointFileError as error:
+        raise ExportError(str(error)) from None
     raw = json.loads(Path(config_file).read_text())
     config = UniterConfig.from_dict({k: v for k, v in raw.items() if k in UNITER_FIELDS}, source=str(config_file))
     model = UniterForPretraining(config)
     report = load_original_state_dict(model, state, strict=False)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    (tmp / "import_report.json").write_text(json.dumps({"source": str(file), "missing": report.missing,
-                                                        "unexpected": report.unexpected}, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    tmp = _partial_folder(out, file)
+    try:
+        model.save_pretrained(tmp)
+        (tmp / "import_report.json").write_text(json.dumps({"source": str(file), "missing": report.missing,
+                                                            "unexpected": report.unexpected}, indent=2) + "\n")
+        _replace_with(out, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return {"out": str(out), "missing": report.missing, "unexpected": report.unexpected}
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint_files import guard_deepspeed_loads, load_pt
 from ..run_layout import (
     MARKER,
     complete_checkpoints,
@@ -136,6 +137,7 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], keep_last:
 def load(engine, folder: Path) -> dict[str, Any]:
     """Load model, optimizer, LR schedule and this rank's RNG; return the client state, with this rank's
     own state under ``"rank"`` where the checkpoint has it."""
+    guard_deepspeed_loads(engine)  # DeepSpeed's own reads would unpickle whatever the files name
     _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None:
@@ -143,10 +145,10 @@ def load(engine, folder: Path) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_pt(rng_file))
     own = folder / f"rank{rank}_state.pt"
     if own.exists():
-        client_state = client_state | {"rank": torch.load(own, weights_only=False)}
+        client_state = client_state | {"rank": load_pt(own)}
     return client_state
 
 

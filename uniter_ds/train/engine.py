@@ -13,6 +13,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from ..checkpoint_files import load_pt
 from ..model import LoadReport, UniterForPretraining, load_bert_weights, load_original_state_dict
 from ..model.options import apply_options
 from .config import ExperimentConfig, check_with_deepspeed
@@ -32,8 +33,7 @@ def build_model(config: ExperimentConfig) -> UniterForPretraining:
         if kind == "bert":
             report = load_bert_weights(model, path)
         elif kind == "uniter":
-            report = load_original_state_dict(model, torch.load(path, map_location="cpu", weights_only=True),
-                                              strict=False)
+            report = load_original_state_dict(model, load_pt(path), strict=False)
         else:
             loaded, info = UniterForPretraining.from_pretrained(
                 path, wra_weight=section.wra_weight, mrc_kl=section.mrc_kl, output_loading_info=True)

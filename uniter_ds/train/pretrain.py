@@ -25,6 +25,7 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 
 from .. import run_layout
+from ..checkpoint_files import CheckpointFileError
 from ..data import DataError
 from ..data.reader import Shard
 from .checkpointing import DiskFull, Start, resume_from, save_run
@@ -202,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-NAMED_FAULTS = (DataError, FloatingPointError, run_layout.RunDirectoryBusy, DiskFull)
+NAMED_FAULTS = (DataError, FloatingPointError, run_layout.RunDirectoryBusy, DiskFull, CheckpointFileError)
 
 
 def main(argv: list[str] | None = None) -> int:
