@@ -52,8 +52,9 @@ case "$cmd" in
         setup
         export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
         "$venv/bin/python" -m ruff check .
-        # Two test processes (UNITER_DS_TEST_WORKERS; 0: one); tests sharing a trained run stay together.
-        exec "$venv/bin/python" -m pytest -n "${UNITER_DS_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
+        # Two test processes (UNITER_DS_TEST_WORKERS; 0: one); tests sharing a trained run stay together;
+        # the 25 slowest tests are listed, so that every CI log says where the suite's time goes.
+        exec "$venv/bin/python" -m pytest -n "${UNITER_DS_TEST_WORKERS:-2}" --dist loadgroup --durations=25 "$@" ;;
     demo)
         setup
         export PATH="$PWD/$venv/bin:$PATH"
