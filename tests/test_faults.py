@@ -168,13 +168,16 @@ def _argv(pid: int) -> list[bytes]:
 
 
 def _rank_pid(runner: int, rank: int) -> int | None:
+    """The rank's own process: ``python -u -m uniter_ds.train.pretrain ...`` with ``RANK=rank``. Its loader fork
+    server has the same environment and names the module too (it preloads it), so the match is on argv."""
     for pid in _descendants(runner):
+        argv = _argv(pid)
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"uniter_ds.train.pretrain" in cmdline and f"RANK={rank}".encode() in environ:
+        started_as_rank = b"-m" in argv and argv[argv.index(b"-m") + 1:][:1] == [b"uniter_ds.train.pretrain"]
+        if started_as_rank and f"RANK={rank}".encode() in environ:
             return pid
     return None
 
