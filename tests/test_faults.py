@@ -260,6 +260,7 @@ def test_when_the_runner_is_killed_uniter_ds_waits_for_the_ranks_and_says_so(tmp
     import os
     import signal
     import sys
+    import time
 
     _small_data(tmp_path / "data", 60)
     config = _config(tmp_path / "run", tmp_path / "data")
@@ -274,7 +275,13 @@ def test_when_the_runner_is_killed_uniter_ds_waits_for_the_ranks_and_says_so(tmp
         # the `deepspeed` script (argv[1]); its launcher.launch child and the ranks run `python -u -m ...`
         runner = next(pid for pid in _descendants(cli.pid) if b"deepspeed" in b"".join(_argv(pid)[1:2]))
         ranks = [_rank_pid(cli.pid, r) for r in (0, 1)]
+        for pid in ranks:  # held until the runner is gone: a tiny job's last steps would end before any check
+            os.kill(pid, signal.SIGSTOP)
         os.kill(runner, signal.SIGKILL)
+        time.sleep(3)
+        assert cli.poll() is None, "uniter-ds returned while the job's ranks still ran"
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
         stderr = cli.communicate(timeout=300)[1]
         assert cli.returncode != 0
         assert "while the job's ranks still run" in stderr and "waiting for them to end" in stderr

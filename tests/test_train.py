@@ -218,9 +218,9 @@ def _run_config(tmp_path: Path, shards: Path, name: str, **overrides) -> Path:
     return _write(tmp_path / f"{name}.yaml", config)
 
 
-def _pretrain(config: Path, ranks: int = 2, extra: list[str] = ()) -> None:
-    run_launcher(["--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "uniter_ds.train.pretrain",
-                  "--config", str(config), *extra])
+def _pretrain(config: Path, ranks: int = 2, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    return run_launcher(["--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
+                         "uniter_ds.train.pretrain", "--config", str(config), *extra])
 
 
 def _metrics(run_dir: Path) -> dict[int, dict]:
@@ -273,8 +273,9 @@ def test_resume_continues_exactly_and_ignores_an_interrupted_checkpoint(tmp_path
     # worst case even `latest` names it. Resume must take step 2.
     (root / "step00000004" / "global_step4").mkdir(parents=True)
     (root / "latest").write_text("step00000004")
-    _pretrain(config, extra=["--resume"])
+    resumed = _pretrain(config, extra=["--resume"])
     _compare_runs(straight_run, tmp_path / "resumed", range(1, 9))
+    assert "replaying" not in resumed.stdout + resumed.stderr  # every worker went on from its saved place
     log = (tmp_path / "resumed" / "rank0.jsonl").read_text().splitlines()
     streams = [json.loads(line)["streams"][0] for line in log]
     assert streams[2] in streams[:2]  # the run continued a stream it had begun before the checkpoint
