@@ -16,6 +16,7 @@ says what stays the user's to trust.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 import re
@@ -30,7 +31,8 @@ class CheckpointFileError(ValueError):
     """A checkpoint file that is refused (it names code) or cannot be read; the message names the file."""
 
 
-def allowed_types() -> list[Any]:
+@functools.cache
+def allowed_types() -> tuple[Any, ...]:
     """What the checkpoints of uniter-ds and DeepSpeed hold beyond tensors and plain values, and nothing more:
     numpy arrays (data states and numpy's RNG state; rebuilt from their bytes, never calling anything else),
     and DeepSpeed's loss scaler, ZeRO stage enum and fragment address (plain value holders)."""
@@ -43,7 +45,7 @@ def allowed_types() -> list[Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return allowed + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return (*allowed, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
 
 
 def _names_outside(path: Path) -> list[str]:
@@ -61,7 +63,7 @@ def load_pt(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) 
     """``torch.load`` that runs no code (see the module docstring); errors name the file."""
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(allowed_types()):
+        with torch.serialization.safe_globals(list(allowed_types())):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         names = _names_outside(path) or [str(error).splitlines()[0][:200]]
@@ -113,10 +115,6 @@ def _optimizer_shards(folder: Path) -> list[dict[str, Any]]:
     return shards
 
 
-def _numel(shape: Any) -> int:
-    return math.prod(shape)
-
-
 def _zero12_params(shards: list[dict[str, Any]], param_shapes: list[dict[str, Any]], folder: Path
                    ) -> dict[str, torch.Tensor]:
     """ZeRO-1/2: each param group is one flat fp32 vector cut into equal rank pieces; params lie in order,
@@ -129,7 +127,7 @@ def _zero12_params(shards: list[dict[str, Any]], param_shapes: list[dict[str, An
         flat = torch.cat([groups[rank][index] for rank in range(world)])
         offset = 0
         for position, (name, shape) in enumerate(shapes.items()):
-            size = _numel(shape)
+            size = math.prod(shape)
             if offset + size > flat.numel():
                 raise CheckpointFileError(f"{folder}: param group {index} holds {flat.numel()} values, fewer than its "
                                           f"parameters need ({name} ends at {offset + size})")
@@ -150,7 +148,7 @@ def _zero3_params(shards: list[dict[str, Any]], param_shapes: list[dict[str, Any
     flats = [torch.cat(list(shard["fp32_flat_groups"])) for shard in shards]
     state, offset = {}, 0
     for name, shape in ((n, s) for shapes in param_shapes for n, s in shapes.items()):
-        size = _numel(shape)
+        size = math.prod(shape)
         piece = math.ceil(size / world)
         if offset + piece > flats[0].numel():
             raise CheckpointFileError(f"{folder}: the ZeRO-3 shards end before {name}: shards of another model?")
